@@ -3,7 +3,7 @@
 One quantizer holds one learned step size ``scale`` (per tensor, or per output channel for
 weights). Forward: ``round(clamp(x / s, qmin, qmax)) * s`` with straight-through rounding.
 Backward to ``s`` is the LSQ formula, multiplied by the gradient scale ``1 / sqrt(N * qmax)``
-so that the step size learns at the same pace as the weights.
+so that the step size learns at the same pace as the weights (``qtool.quant.fake_quant``).
 """
 
 from __future__ import annotations
@@ -13,17 +13,9 @@ import math
 import torch
 from torch import nn
 
+from qtool.quant.fake_quant import lsq_fake_quant
+
 MIN_BITS, MAX_BITS = 2, 8
-
-
-def round_ste(x: torch.Tensor) -> torch.Tensor:
-    """Round in the forward pass, identity in the backward pass."""
-    return (x.round() - x).detach() + x
-
-
-def scale_gradient(x: torch.Tensor, factor: float) -> torch.Tensor:
-    """Identity in the forward pass; multiplies the gradient by ``factor`` in the backward pass."""
-    return (x - x * factor).detach() + x * factor
 
 
 def integer_range(bits: int, signed: bool, narrow: bool = False) -> tuple[int, int]:
@@ -132,8 +124,7 @@ class LSQQuantizer(nn.Module):
         if not bool(self.initialized):
             self.initialize(x)
         factor = 1.0 / math.sqrt(self.elements_per_scale(x) * self.qmax)
-        step = scale_gradient(self.scale, factor).reshape(self._shape(x))
-        return round_ste(torch.clamp(x / step, self.qmin, self.qmax)) * step
+        return lsq_fake_quant(x, self.scale, self.qmin, self.qmax, factor)
 
     @torch.no_grad()
     def quantize_int(self, x: torch.Tensor) -> torch.Tensor:

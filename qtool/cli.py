@@ -1,0 +1,165 @@
+"""The ``qtool`` command line: parse, call one function, print. No training logic here.
+
+A user's mistake (``QtoolError``) becomes one ``error: ...`` line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from qtool.errors import QtoolError
+
+CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+
+
+def _load_config(ctx: click.Context, param: click.Parameter, value: str | None):
+    """``--config FILE.yaml``: its keys become the defaults of the other options (flags win)."""
+    if value is None:
+        return None
+    import yaml
+
+    try:
+        data = yaml.safe_load(Path(value).read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise click.BadParameter(f"cannot read {value}: {str(exc).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise click.BadParameter(f"{value} must hold a mapping of option names to values")
+    data = {str(key).replace("-", "_"): item for key, item in data.items()}
+    known = {p.name for p in ctx.command.params}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise click.BadParameter(f"{value}: unknown keys {', '.join(unknown)}")
+    if isinstance(data.get("option"), dict):  # `option: {tau: 0.1}` reads more naturally in YAML
+        data["option"] = [f"{k}={v}" for k, v in data["option"].items()]
+    ctx.default_map = {**(ctx.default_map or {}), **data}
+    return value
+
+
+def _parse_options(values: tuple[str, ...]) -> dict:
+    import yaml
+
+    parsed = {}
+    for item in values:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise QtoolError(f"--option expects KEY=VALUE, got {item!r}")
+        parsed[key.strip().replace("-", "_")] = yaml.safe_load(raw)
+    return parsed
+
+
+@click.group(context_settings=CONTEXT)
+@click.version_option(package_name="qtool")
+def cli():
+    """qtool: quantization-aware training that generalizes to unseen domains, low-bit kernels,
+    and ONNX export that onnxruntime runs as integer kernels on edge CPUs."""
+
+
+@cli.command(context_settings=CONTEXT)
+@click.option("--config", type=click.Path(dir_okay=False), callback=_load_config, is_eager=True, expose_value=False,
+              help="YAML file whose keys set defaults for these options (command-line flags override it).")
+@click.argument("model", required=False)
+@click.option("--data", default="rotated-digits", show_default=True,
+              help="'rotated-digits', a multi-domain .npz archive, or a DomainBed image folder.")
+@click.option("--target-domain", default=None, help="Held-out domain (leave-one-domain-out). Default: none, all domains are sources.")
+@click.option("--bits", type=int, default=4, show_default=True, help="Weight bits: 1 (binary), 2, 3, 4, 8; 32 trains full precision.")
+@click.option("--act-bits", type=int, default=None, help="Activation bits. Default: same as --bits.")
+@click.option("--method", default="sagm", show_default=True,
+              help="lsq | sam | gsam | sagm | gaqat (2-8 bits); ste | reste (binary).")
+@click.option("--epochs", type=float, default=8.0, show_default=True, help="QAT epochs over the source training images.")
+@click.option("--steps", type=int, default=None, help="QAT steps (overrides --epochs).")
+@click.option("--pretrain-epochs", type=float, default=20.0, show_default=True,
+              help="Full-precision pre-training epochs for a zoo model (cached and reused).")
+@click.option("--pretrain-method", default="sagm", show_default=True, help="Optimizer for pre-training: plain | sam | gsam | sagm.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed for the split, the batch order, augmentation and init.")
+@click.option("--batch-size", type=int, default=128, show_default=True, help="Images per step, split evenly over source domains.")
+@click.option("--lr", type=float, default=2e-4, show_default=True, help="Adam learning rate for QAT (cosine decay).")
+@click.option("--pretrain-lr", type=float, default=1e-3, show_default=True, help="Adam learning rate for pre-training.")
+@click.option("--weight-decay", type=float, default=0.0, show_default=True, help="Adam weight decay.")
+@click.option("--rho", type=float, default=0.05, show_default=True, help="Perturbation radius of SAM/GSAM/SAGM.")
+@click.option("--alpha", type=float, default=None, help="GSAM's alpha (default 0.1) or SAGM's alpha (default 0.001).")
+@click.option("--first-last-bits", type=int, default=8, show_default=True,
+              help="Bits for the first conv and the last classifier; 0 keeps them in float.")
+@click.option("--image-size", type=int, default=None, help="Resize images to this size (default: the data's size; 28 for rotated-digits).")
+@click.option("--holdout", type=float, default=0.2, show_default=True, help="Fraction of each source domain held out for model selection.")
+@click.option("--evals", type=int, default=8, show_default=True, help="Model-selection evaluations over the run.")
+@click.option("--augment/--no-augment", default=True, show_default=True, help="Random small rotations, zooms and shifts.")
+@click.option("--cache/--no-cache", "use_cache", default=True, show_default=True, help="Reuse cached full-precision pre-training.")
+@click.option("--cache-dir", type=click.Path(file_okay=False), default=None, help="Pre-training cache (default ~/.cache/qtool/pretrain).")
+@click.option("--option", "-O", multiple=True, metavar="KEY=VALUE",
+              help="Method option, repeatable (GAQAT: window, every, tau, ...; ReSTE: o_end, t, m).")
+@click.option("--threads", type=int, default=None, help="torch threads (default: torch's choice).")
+@click.option("--out", type=click.Path(file_okay=False), required=True, help="Output folder for model.pt and report.json.")
+def quantize(model, threads, option, **kwargs):
+    """Train MODEL (a zoo name or a full-precision qtool checkpoint) with quantization-aware
+    training on the source domains and write DIR/model.pt and DIR/report.json."""
+    from qtool.pipeline import QuantizeOptions, quantize as run_quantize
+    from qtool.progress import TrainingProgress, print_quantize_summary
+
+    if model is None:
+        raise QtoolError("missing MODEL: a zoo name (resnet20, resnet18, vgg-small, dg-cnn, mobilenetv2) or a checkpoint")
+    _set_threads(threads)
+    first_last = kwargs.pop("first_last_bits")
+    options = QuantizeOptions(model=model, first_last_bits=None if first_last == 0 else first_last,
+                              method_options=_parse_options(option), **kwargs)
+    with TrainingProgress() as progress:
+        report = run_quantize(options, progress.update)
+    print_quantize_summary(report, options.out)
+
+
+@cli.command("eval", context_settings=CONTEXT)
+@click.argument("checkpoint", type=click.Path())
+@click.option("--data", default="rotated-digits", show_default=True, help="Data to evaluate on (same formats as quantize).")
+@click.option("--target-domain", default=None, help="Held-out domain; default: the one the checkpoint was trained with.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write the accuracies as JSON here.")
+@click.option("--threads", type=int, default=None, help="torch threads (default: torch's choice).")
+def eval_command(checkpoint, data, target_domain, json_path, threads):
+    """Top-1 accuracy of CHECKPOINT on every domain of --data."""
+    from qtool.checkpoint import write_text_atomic
+    from qtool.pipeline import evaluate_checkpoint
+    from qtool.progress import print_eval_summary
+
+    _set_threads(threads)
+    report = evaluate_checkpoint(checkpoint, data, target_domain)
+    if json_path:
+        write_text_atomic(json_path, json.dumps(report, indent=2))
+    print_eval_summary(report)
+
+
+def _set_threads(threads: int | None) -> None:
+    if threads is None:
+        return
+    if threads < 1:
+        raise QtoolError(f"--threads must be at least 1, got {threads}")
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        cli.main(args=argv, prog_name="qtool", standalone_mode=False)
+    except click.exceptions.Abort:
+        print("error: aborted", file=sys.stderr)
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except QtoolError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    except FloatingPointError as exc:  # divergence: the user's hyper-parameters, not a bug
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(3)
+    except ModuleNotFoundError as exc:
+        if exc.name in ("torch", "brevitas", "onnx", "sklearn", "yaml", "matplotlib"):
+            print(f"error: {exc.name} is not installed; this command needs `pip install qtool[train]`", file=sys.stderr)
+            sys.exit(2)
+        raise
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,78 @@
+"""What the CLI shows: a progress bar while training and rich summary tables after.
+
+Uses ``rich`` (already a dependency of the bench tables): live bars with loss/accuracy that
+degrade to plain lines when stderr is not a terminal, and tables that align themselves.
+"""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+console = Console(stderr=True)
+stdout = Console()
+
+
+class TrainingProgress:
+    """Receives the trainer's records (``{"phase", "step", "loss", "acc", "val"}``) and draws them."""
+
+    def __init__(self):
+        self.progress = Progress(
+            TextColumn("[bold]{task.description:<9}"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]:.3f}  acc {task.fields[acc]:.3f}  val {task.fields[val]}"),
+            TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=False,
+        )
+        self.tasks: dict[str, int] = {}
+
+    def __enter__(self):
+        self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self.progress.__exit__(*exc)
+
+    def update(self, record: dict) -> None:
+        phase = record.get("phase", "train")
+        if "cached" in record:
+            console.print(f"full-precision model from cache: {record['cached']}")
+            return
+        if "total" in record:
+            self.tasks[phase] = self.progress.add_task(phase, total=record["total"], loss=0.0, acc=0.0, val="-")
+            return
+        task = self.tasks.get(phase)
+        if task is None:
+            return
+        fields = {"loss": record.get("loss", 0.0), "acc": record.get("acc", 0.0)}
+        if "val" in record:
+            fields["val"] = f"{record['val']:.3f}"
+        self.progress.update(task, completed=record.get("step", 0), **fields)
+
+
+def _pct(value) -> str:
+    return "-" if value is None else f"{100 * value:.2f}"
+
+
+def print_quantize_summary(report: dict, out: str) -> None:
+    fp = report.get("full_precision", {})
+    table = Table(title=f"{report['model']} W{report['bits']}A{report['act_bits']} {report['method']} (seed {report['seed']})")
+    table.add_column("domain")
+    table.add_column("role")
+    table.add_column("full precision %", justify="right")
+    table.add_column("quantized %", justify="right")
+    for name, acc in report["accuracy"].items():
+        role = "target" if name == report["target_domain"] else "source (val)"
+        table.add_row(name, role, _pct(fp.get("accuracy", {}).get(name)), _pct(acc))
+    table.add_row("mean source val", "", _pct(fp.get("source_val_accuracy")), _pct(report["source_val_accuracy"]))
+    stdout.print(table)
+    stdout.print(f"{report['steps']} QAT steps in {report['seconds']:.0f} s; wrote {out}/model.pt and {out}/report.json")
+
+
+def print_eval_summary(report: dict) -> None:
+    table = Table(title=f"{report['model']} on {', '.join(report['accuracy'])}")
+    table.add_column("domain")
+    table.add_column("role")
+    table.add_column("accuracy %", justify="right")
+    for name, acc in report["accuracy"].items():
+        table.add_row(name, "target" if name == report["target_domain"] else "source (val)", _pct(acc))
+    stdout.print(table)
