@@ -145,8 +145,8 @@ def main(argv: list[str] | None = None) -> None:
     except click.exceptions.Abort:
         print("error: aborted", file=sys.stderr)
         sys.exit(130)
-    except click.ClickException as exc:
-        exc.show()
+    except click.ClickException as exc:  # bad flags: one line like every other user error
+        print(f"error: {exc.format_message()}", file=sys.stderr)
         sys.exit(exc.exit_code)
     except QtoolError as exc:
         print(f"error: {exc}", file=sys.stderr)
