@@ -97,3 +97,23 @@ def test_console_entry_point_prints_no_traceback(tmp_path):
     assert result.stderr.strip() == f"error: checkpoint not found: {tmp_path / 'nope.pt'}"
     help_text = subprocess.run([sys.executable, "-m", "qtool", "quantize", "--help"], capture_output=True, text=True)
     assert help_text.returncode == 0 and "--target-domain" in help_text.stdout and "[default: sagm]" in help_text.stdout
+
+
+def test_same_seed_same_model_and_fp_checkpoint_as_start(run_cli, digits_small, tmp_path):
+    """Deterministic with --seed (pre-training included: no cache), and a full-precision run
+    (--bits 32) writes a checkpoint that quantize accepts as MODEL."""
+    common = ["--data", digits_small, "--target-domain", "syn", "--steps", "2", "--pretrain-epochs", "0.3",
+              "--batch-size", "32", "--evals", "1", "--no-cache"]
+    for name in ("a", "b"):
+        code, _, err = run_cli("quantize", "dg-cnn", "--bits", "32", *common, "--out", tmp_path / name)
+        assert code == 0, err
+    first = torch.load(tmp_path / "a" / "model.pt", weights_only=True)["state_dict"]
+    second = torch.load(tmp_path / "b" / "model.pt", weights_only=True)["state_dict"]
+    assert all(torch.equal(first[k], second[k]) for k in first)
+
+    code, _, err = run_cli("quantize", tmp_path / "a" / "model.pt", "--bits", "4", *common, "--out", tmp_path / "q")
+    assert code == 0, err
+    report = json.loads((tmp_path / "q" / "report.json").read_text())
+    assert report["model"] == "dg-cnn" and report["full_precision"]["checkpoint"].endswith("model.pt")
+    code, _, err = run_cli("quantize", tmp_path / "q" / "model.pt", "--bits", "4", *common, "--out", tmp_path / "qq")
+    assert code == 2 and "already quantized" in err
