@@ -1,0 +1,205 @@
+// XNOR-popcount kernels, compiled once per ISA (isa.h): sign-bit packing of float rows and
+// the binary GEMM tile. With +-1 stored as bits, dot(a, w) = K - 2 * popcount(a XOR w).
+//
+// The tile holds up to 48 rows of packed activations; the weights come as panels of 8 output
+// channels interleaved word by word ([panel][word][8]), so one vector load gives the same word
+// of 8 channels and each activation word is broadcast against it: the reduction stays in
+// integer lanes, one lane per output channel, and no horizontal sums are needed.
+#include "qtool_kernels.h"
+#include "isa.h"
+
+namespace qtool {
+namespace cpu {
+namespace QTOOL_ISA_NS {
+namespace {
+
+// Final value of one output: exact integer dot (plus the zero-padding correction of convs),
+// then one multiplication by the scale, as the reference does.
+inline float finish(const BinaryTileArgs& t, int64_t row, int64_t n, int64_t popcount) {
+  int64_t dot = t.K - 2 * popcount;
+  if (t.corr) dot += t.corr[t.pattern[row] * ceil_div(t.N, kBinaryPanel) * kBinaryPanel + n];
+  return static_cast<float>(dot) * (t.scale ? t.scale[n * t.scale_stride] : 1.0f);
+}
+
+#if defined(QTOOL_ISA_AVX512)
+// ------------------------------------------------------------------------------- AVX-512
+template <int MR, int NR>
+void tile(const BinaryTileArgs& t, int64_t r0, int64_t p0) {
+  const int64_t Kw = t.Kw;
+  const uint64_t* a = t.a + r0 * Kw;
+  const uint64_t* w = t.panels + p0 * Kw * kBinaryPanel;
+  __m512i acc[MR][NR];
+  for (int m = 0; m < MR; ++m)
+    for (int r = 0; r < NR; ++r) acc[m][r] = _mm512_setzero_si512();
+  for (int64_t k = 0; k < Kw; ++k) {
+    __m512i wv[NR];
+    for (int r = 0; r < NR; ++r) wv[r] = _mm512_loadu_si512(w + (r * Kw + k) * kBinaryPanel);
+    for (int m = 0; m < MR; ++m) {
+      const __m512i av = _mm512_set1_epi64(static_cast<long long>(a[m * Kw + k]));
+      for (int r = 0; r < NR; ++r)
+        acc[m][r] = _mm512_add_epi64(acc[m][r], _mm512_popcnt_epi64(_mm512_xor_si512(av, wv[r])));
+    }
+  }
+  const int64_t npad = ceil_div(t.N, kBinaryPanel) * kBinaryPanel;
+  for (int m = 0; m < MR && r0 + m < t.rows; ++m) {
+    const int64_t row = r0 + m;
+    for (int r = 0; r < NR; ++r) {
+      const int64_t n0 = (p0 + r) * kBinaryPanel;
+      const __mmask8 valid = t.N - n0 >= 8 ? 0xFF : static_cast<__mmask8>((1u << (t.N - n0)) - 1);
+      __m512i dot = _mm512_sub_epi64(_mm512_set1_epi64(t.K), _mm512_slli_epi64(acc[m][r], 1));
+      if (t.corr)
+        dot = _mm512_add_epi64(dot, _mm512_cvtepi32_epi64(_mm256_loadu_si256(
+                                        reinterpret_cast<const __m256i*>(t.corr + t.pattern[row] * npad + n0))));
+      __m256 v = _mm512_cvtepi64_ps(dot);  // exact: |dot| <= K < 2^24
+      if (t.scale)
+        v = _mm256_mul_ps(v, t.scale_stride ? _mm256_maskz_loadu_ps(valid, t.scale + n0) : _mm256_set1_ps(t.scale[0]));
+      _mm256_mask_storeu_ps(t.out + row * t.ldo + n0, valid, v);
+    }
+  }
+}
+
+// Rows in groups of MR, the rest one by one, for NR panels starting at p0.
+template <int MR, int NR>
+void panels(const BinaryTileArgs& t, int64_t p0) {
+  int64_t r = 0;
+  for (; r + MR <= t.rows; r += MR) tile<MR, NR>(t, r, p0);
+  for (; r < t.rows; ++r) tile<1, NR>(t, r, p0);
+}
+
+void binary_tile_impl(const BinaryTileArgs& t) {
+  const int64_t np = ceil_div(t.N, kBinaryPanel);
+  int64_t p = 0;
+  for (; p + 4 <= np; p += 4) panels<6, 4>(t, p);  // 24 accumulators + 4 weight vectors
+  for (; p + 2 <= np; p += 2) panels<12, 2>(t, p);
+  for (; p < np; ++p) panels<24, 1>(t, p);
+}
+
+void pack_sign_rows_impl(const float* x, int64_t rows, int64_t K, int64_t ldx, uint64_t* out, int64_t ldw) {
+  const __m512 zero = _mm512_setzero_ps();
+  const int64_t words = ceil_div(K, 64);
+  for (int64_t i = 0; i < rows; ++i) {
+    const float* xr = x + i * ldx;
+    for (int64_t wd = 0; wd < words; ++wd) {
+      uint64_t bits = 0;
+      for (int q = 0; q < 4; ++q) {
+        const int64_t k = wd * 64 + q * 16;
+        if (k >= K) break;
+        const __mmask16 valid = K - k >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (K - k)) - 1);
+        const __mmask16 ge = _mm512_mask_cmp_ps_mask(valid, _mm512_maskz_loadu_ps(valid, xr + k), zero, _CMP_GE_OQ);
+        bits |= static_cast<uint64_t>(ge) << (16 * q);
+      }
+      out[i * ldw + wd] = bits;
+    }
+  }
+}
+
+#elif defined(QTOOL_ISA_AVX2)
+// ---------------------------------------------------------------------------------- AVX2
+// Popcount by nibble lookup (vpshufb); per-byte counts accumulate for up to 31 words (31 * 8
+// < 256) before vpsadbw widens them into the 64-bit lane of their channel.
+template <int MR>
+void tile(const BinaryTileArgs& t, int64_t r0, int64_t p) {
+  const int64_t Kw = t.Kw;
+  const uint64_t* a = t.a + r0 * Kw;
+  const uint64_t* w = t.panels + p * Kw * kBinaryPanel;
+  const __m256i lut = _mm256_setr_epi8(0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4,
+                                       0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4);
+  const __m256i nib = _mm256_set1_epi8(0x0F);
+  __m256i total[MR][2];
+  for (int m = 0; m < MR; ++m) total[m][0] = total[m][1] = _mm256_setzero_si256();
+  for (int64_t k0 = 0; k0 < Kw; k0 += 31) {
+    const int64_t k1 = k0 + 31 < Kw ? k0 + 31 : Kw;
+    __m256i bytes[MR][2];
+    for (int m = 0; m < MR; ++m) bytes[m][0] = bytes[m][1] = _mm256_setzero_si256();
+    for (int64_t k = k0; k < k1; ++k) {
+      const __m256i w0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + k * kBinaryPanel));
+      const __m256i w1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + k * kBinaryPanel + 4));
+      for (int m = 0; m < MR; ++m) {
+        const __m256i av = _mm256_set1_epi64x(static_cast<long long>(a[m * Kw + k]));
+        const __m256i x0 = _mm256_xor_si256(av, w0), x1 = _mm256_xor_si256(av, w1);
+        bytes[m][0] = _mm256_add_epi8(bytes[m][0], _mm256_shuffle_epi8(lut, _mm256_and_si256(x0, nib)));
+        bytes[m][0] = _mm256_add_epi8(bytes[m][0], _mm256_shuffle_epi8(lut, _mm256_and_si256(_mm256_srli_epi16(x0, 4), nib)));
+        bytes[m][1] = _mm256_add_epi8(bytes[m][1], _mm256_shuffle_epi8(lut, _mm256_and_si256(x1, nib)));
+        bytes[m][1] = _mm256_add_epi8(bytes[m][1], _mm256_shuffle_epi8(lut, _mm256_and_si256(_mm256_srli_epi16(x1, 4), nib)));
+      }
+    }
+    for (int m = 0; m < MR; ++m)
+      for (int h = 0; h < 2; ++h)
+        total[m][h] = _mm256_add_epi64(total[m][h], _mm256_sad_epu8(bytes[m][h], _mm256_setzero_si256()));
+  }
+  alignas(32) int64_t pc[8];
+  for (int m = 0; m < MR && r0 + m < t.rows; ++m) {
+    _mm256_store_si256(reinterpret_cast<__m256i*>(pc), total[m][0]);
+    _mm256_store_si256(reinterpret_cast<__m256i*>(pc + 4), total[m][1]);
+    for (int j = 0; j < 8 && p * kBinaryPanel + j < t.N; ++j) {
+      const int64_t n = p * kBinaryPanel + j;
+      t.out[(r0 + m) * t.ldo + n] = finish(t, r0 + m, n, pc[j]);
+    }
+  }
+}
+
+void binary_tile_impl(const BinaryTileArgs& t) {
+  const int64_t np = ceil_div(t.N, kBinaryPanel);
+  for (int64_t p = 0; p < np; ++p) {
+    int64_t r = 0;
+    for (; r + 4 <= t.rows; r += 4) tile<4>(t, r, p);
+    for (; r < t.rows; ++r) tile<1>(t, r, p);
+  }
+}
+
+void pack_sign_rows_impl(const float* x, int64_t rows, int64_t K, int64_t ldx, uint64_t* out, int64_t ldw) {
+  const __m256 zero = _mm256_setzero_ps();
+  const int64_t words = ceil_div(K, 64);
+  for (int64_t i = 0; i < rows; ++i) {
+    const float* xr = x + i * ldx;
+    for (int64_t wd = 0; wd < words; ++wd) {
+      uint64_t bits = 0;
+      int64_t k = wd * 64;
+      const int64_t end = k + 64 < K ? k + 64 : K;
+      for (; k + 8 <= end; k += 8) {
+        const int mask = _mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(xr + k), zero, _CMP_GE_OQ));
+        bits |= static_cast<uint64_t>(mask) << (k - wd * 64);
+      }
+      for (; k < end; ++k) bits |= static_cast<uint64_t>(xr[k] >= 0.0f) << (k - wd * 64);
+      out[i * ldw + wd] = bits;
+    }
+  }
+}
+
+#else
+// -------------------------------------------------------------------------------- scalar
+void binary_tile_impl(const BinaryTileArgs& t) {
+  for (int64_t row = 0; row < t.rows; ++row) {
+    const uint64_t* a = t.a + row * t.Kw;
+    for (int64_t n = 0; n < t.N; ++n) {
+      const uint64_t* w = t.panels + (n / kBinaryPanel) * t.Kw * kBinaryPanel + n % kBinaryPanel;
+      int64_t pc = 0;
+      for (int64_t k = 0; k < t.Kw; ++k) pc += __builtin_popcountll(a[k] ^ w[k * kBinaryPanel]);
+      t.out[row * t.ldo + n] = finish(t, row, n, pc);
+    }
+  }
+}
+
+void pack_sign_rows_impl(const float* x, int64_t rows, int64_t K, int64_t ldx, uint64_t* out, int64_t ldw) {
+  const int64_t words = ceil_div(K, 64);
+  for (int64_t i = 0; i < rows; ++i) {
+    for (int64_t wd = 0; wd < words; ++wd) out[i * ldw + wd] = 0;
+    for (int64_t k = 0; k < K; ++k)
+      out[i * ldw + k / 64] |= static_cast<uint64_t>(x[i * ldx + k] >= 0.0f) << (k % 64);
+  }
+}
+#endif
+
+}  // namespace
+
+void binary_tile(const BinaryTileArgs& t) { binary_tile_impl(t); }
+
+void pack_sign_rows(const float* x, int64_t rows, int64_t K, int64_t ldx, uint64_t* out, int64_t ldw) {
+  pack_sign_rows_impl(x, rows, K, ldx, out, ldw);
+}
+
+}  // namespace QTOOL_ISA_NS
+}  // namespace cpu
+}  // namespace qtool
+
+QTOOL_ISA_END
