@@ -7,18 +7,6 @@
 namespace qtool {
 namespace cpu {
 
-ConvGeometry conv_geometry(int64_t N, int64_t C, int64_t H, int64_t W, int64_t O, int64_t kh,
-                           int64_t kw, int64_t sh, int64_t sw, int64_t ph, int64_t pw, int64_t dh,
-                           int64_t dw) {
-  ConvGeometry g{N, C, H, W, O, kh, kw, sh, sw, ph, pw, dh, dw, 0, 0, 0, 0, 0};
-  g.OH = (H + 2 * ph - dh * (kh - 1) - 1) / sh + 1;
-  g.OW = (W + 2 * pw - dw * (kw - 1) - 1) / sw + 1;
-  g.K = C * kh * kw;
-  g.Kw = ceil_div(g.K, 64);
-  g.Cw = ceil_div(C, 64);
-  return g;
-}
-
 // Bit i set when tap i of an output at `pos` reads outside [0, size).
 static uint64_t outside_taps(int64_t pos, int64_t stride, int64_t pad, int64_t dil, int64_t taps, int64_t size) {
   uint64_t mask = 0;

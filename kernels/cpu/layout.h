@@ -22,14 +22,6 @@ void binary_panels(const uint64_t* w, int64_t N, int64_t Kw, int64_t K, uint64_t
 // Rows of packed bits into a tile, clearing the bits past K (callers may pass any tail).
 void copy_bit_rows(const uint64_t* a, int64_t rows, int64_t Kw, int64_t K, uint64_t* tile);
 
-struct ConvGeometry {
-  int64_t N, C, H, W, O, kh, kw, sh, sw, ph, pw, dh, dw;
-  int64_t OH, OW, K, Kw, Cw;
-};
-ConvGeometry conv_geometry(int64_t N, int64_t C, int64_t H, int64_t W, int64_t O, int64_t kh,
-                           int64_t kw, int64_t sh, int64_t sw, int64_t ph, int64_t pw, int64_t dh,
-                           int64_t dw);
-
 // Taps that fall into the zero padding are left as 0 bits (= -1) by im2col; the true
 // contribution of a padded tap is 0, so the dot product is off by the sum of the weights over
 // those taps. Which taps are padded depends only on (row class of oh, column class of ow):

@@ -2,8 +2,12 @@
 // threading. Threads come from at::parallel_for, i.e. torch's own OpenMP pool, so
 // torch.set_num_threads() governs them and no second OpenMP runtime is loaded. The arithmetic
 // lives in the ISA kernels (dispatch.h) and the layout helpers (layout.h).
-#include <ATen/ATen.h>
+
+// Per-operator ATen headers instead of <ATen/ATen.h>: half the compile time.
 #include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -12,25 +16,15 @@
 
 #include "dispatch.h"
 #include "layout.h"
+#include "op_checks.h"
 
 namespace qtool {
 namespace {
 
 using at::Tensor;
 
-int64_t code_min(int bits) { return -(int64_t(1) << (bits - 1)); }
-int64_t code_max(int bits) { return (int64_t(1) << (bits - 1)) - 1; }
-
 Tensor pack_codes(const Tensor& codes, int bits) {
-  TORCH_CHECK(codes.dim() == 2, "pack_int", bits, ": codes must be 2-D [N, K], got shape ", codes.sizes());
-  TORCH_CHECK(!at::isFloatingType(codes.scalar_type()) && !at::isComplexType(codes.scalar_type()),
-              "pack_int", bits, ": codes must be an integer tensor, got ", codes.scalar_type());
-  if (codes.numel() > 0) {
-    const auto [lo, hi] = at::aminmax(codes);
-    TORCH_CHECK(lo.item<int64_t>() >= code_min(bits) && hi.item<int64_t>() <= code_max(bits), "pack_int", bits,
-                ": codes must lie in [", code_min(bits), ", ", code_max(bits), "], got [", lo.item<int64_t>(),
-                ", ", hi.item<int64_t>(), "]");
-  }
+  checks::codes(codes, bits);
   const Tensor c = codes.to(at::kChar).contiguous();
   const int64_t N = c.size(0), K = c.size(1);
   Tensor out = at::empty({N, ceil_div(K, kBlock) * block_bytes(bits)}, c.options().dtype(at::kByte));
@@ -38,15 +32,8 @@ Tensor pack_codes(const Tensor& codes, int bits) {
   return out;
 }
 
-void check_packed(const Tensor& packed, int bits, int64_t K, const char* op) {
-  TORCH_CHECK(packed.dim() == 2 && packed.scalar_type() == at::kByte, op,
-              ": packed weights must be a 2-D uint8 tensor, got ", packed.scalar_type(), " of shape ", packed.sizes());
-  TORCH_CHECK(K >= 0 && packed.size(1) == ceil_div(K, kBlock) * block_bytes(bits), op, ": ", bits,
-              "-bit rows of K=", K, " take ", ceil_div(K, kBlock) * block_bytes(bits), " bytes, got ", packed.size(1));
-}
-
 Tensor unpack_codes(const Tensor& packed, int64_t K, int bits) {
-  check_packed(packed, bits, K, bits == 4 ? "unpack_int4" : "unpack_int3");
+  checks::packed(packed, bits, K, bits == 4 ? "unpack_int4" : "unpack_int3");
   const Tensor p = packed.contiguous();
   Tensor out = at::empty({p.size(0), K}, p.options().dtype(at::kChar));
   (bits == 4 ? cpu::unpack_int4 : cpu::unpack_int3)(p.data_ptr<uint8_t>(), p.size(0), K, out.data_ptr<int8_t>());
@@ -59,8 +46,7 @@ Tensor unpack_int4(const Tensor& packed, int64_t K) { return unpack_codes(packed
 Tensor unpack_int3(const Tensor& packed, int64_t K) { return unpack_codes(packed, K, 3); }
 
 Tensor float_rows(const Tensor& x, const char* op) {
-  TORCH_CHECK(x.dim() == 2 && at::isFloatingType(x.scalar_type()), op,
-              ": expected a 2-D floating-point tensor, got ", x.scalar_type(), " of shape ", x.sizes());
+  checks::float_rows(x, op);
   return x.to(at::kFloat).contiguous();
 }
 
@@ -77,15 +63,8 @@ Tensor pack_binary(const Tensor& x) {
   return out;
 }
 
-void check_bits(const Tensor& bits, int64_t K, const char* op, const char* what) {
-  TORCH_CHECK(bits.dim() == 2 && bits.scalar_type() == at::kLong, op, ": ", what,
-              " must be a 2-D int64 tensor of packed bits, got ", bits.scalar_type(), " of shape ", bits.sizes());
-  TORCH_CHECK(K >= 0 && bits.size(1) == ceil_div(K, 64), op, ": ", what, " of K=", K, " take ", ceil_div(K, 64),
-              " words per row, got ", bits.size(1));
-}
-
 Tensor unpack_binary(const Tensor& bits, int64_t K) {
-  check_bits(bits, K, "unpack_binary", "bits");
+  checks::bits(bits, K, "unpack_binary", "bits");
   const Tensor b = bits.contiguous();
   Tensor out = at::empty({b.size(0), K}, b.options().dtype(at::kFloat));
   const uint64_t* src = reinterpret_cast<const uint64_t*>(b.data_ptr<int64_t>());
@@ -111,28 +90,17 @@ std::tuple<Tensor, Tensor> quantize_rows_i8(const Tensor& x) {
   return {q, s};
 }
 
-// Shared checks of the int4/int3 GEMMs; fills everything but the activations.
+// The int4/int3 GEMM arguments but the activations.
 LowbitArgs lowbit_args(const Tensor& w, const Tensor& scale, int64_t bits, int64_t K, int64_t group_size,
                        int64_t M, const char* op) {
-  TORCH_CHECK(bits == 3 || bits == 4, op, ": bits must be 3 or 4, got ", bits);
-  check_packed(w, static_cast<int>(bits), K, op);
-  TORCH_CHECK(w.is_contiguous(), op, ": packed weights must be contiguous");
-  const int64_t N = w.size(0), blocks = ceil_div(K, kBlock);
-  TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.is_contiguous(), op, ": scale must be a contiguous float32 tensor");
-  TORCH_CHECK(group_size > 0, op, ": group_size must be positive, got ", group_size);
-  const int64_t G = ceil_div(K, group_size);
-  TORCH_CHECK(G <= 1 || group_size % kBlock == 0, op, ": group_size must be a multiple of 64 or cover K, got ",
-              group_size, " for K=", K);
-  TORCH_CHECK((scale.dim() == 2 && scale.size(0) == N && scale.size(1) == std::max<int64_t>(G, 1)) ||
-                  (scale.dim() == 1 && scale.size(0) == N && G <= 1),
-              op, ": scale must have shape [", N, ", ", G, "], got ", scale.sizes());
+  const checks::LowbitShape shape = checks::lowbit(w, scale, bits, K, group_size, op);
   LowbitArgs a;
   a.M = M;
-  a.N = N;
+  a.N = shape.N;
   a.K = K;
   a.bits = static_cast<int>(bits);
-  a.G = std::max<int64_t>(G, 1);
-  a.group_blocks = G <= 1 ? blocks : group_size / kBlock;
+  a.G = shape.G;
+  a.group_blocks = shape.group_blocks;
   a.w = w.data_ptr<uint8_t>();
   a.w_row_bytes = w.size(1);
   a.scale = scale.data_ptr<float>();
@@ -155,8 +123,7 @@ void over_weight_rows(int64_t N, F fn) {
 }
 
 Tensor lowbit_gemm(const Tensor& x, const Tensor& w, const Tensor& scale, int64_t bits, int64_t K, int64_t group_size) {
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.size(1) == K, "lowbit_gemm: x must be float32 [M, ", K,
-              "], got ", x.scalar_type(), " ", x.sizes());
+  checks::lowbit_x(x, w, K);
   const Tensor xc = x.contiguous();
   LowbitArgs a = lowbit_args(w, scale, bits, K, group_size, xc.size(0), "lowbit_gemm");
   Tensor out = at::empty({a.M, a.N}, xc.options());
@@ -175,11 +142,7 @@ Tensor lowbit_gemm(const Tensor& x, const Tensor& w, const Tensor& scale, int64_
 
 Tensor lowbit_gemm_i8(const Tensor& xq, const Tensor& x_scale, const Tensor& w, const Tensor& scale, int64_t bits,
                       int64_t K, int64_t group_size) {
-  TORCH_CHECK(xq.dim() == 2 && xq.scalar_type() == at::kChar && xq.size(1) == K, "lowbit_gemm_i8: xq must be int8 [M, ",
-              K, "], got ", xq.scalar_type(), " ", xq.sizes());
-  TORCH_CHECK(x_scale.dim() == 1 && x_scale.scalar_type() == at::kFloat && x_scale.size(0) == xq.size(0),
-              "lowbit_gemm_i8: x_scale must be float32 [", xq.size(0), "], got ", x_scale.scalar_type(), " ",
-              x_scale.sizes());
+  checks::lowbit_xq(xq, x_scale, w, K);
   const Tensor xc = xq.contiguous(), xs = x_scale.contiguous();
   LowbitArgs a = lowbit_args(w, scale, bits, K, group_size, xc.size(0), "lowbit_gemm_i8");
   Tensor out = at::empty({a.M, a.N}, xs.options());
@@ -201,17 +164,6 @@ Tensor lowbit_gemm_i8(const Tensor& xq, const Tensor& x_scale, const Tensor& w, 
   }
   over_weight_rows(a.N, [&](int64_t n0, int64_t n1) { kt.lowbit_i8(a, n0, n1); });
   return out;
-}
-
-// Checks an optional per-channel (or single) scale; returns its stride (0 broadcasts).
-int64_t check_scale(const std::optional<Tensor>& scale, int64_t channels, const char* op) {
-  if (!scale.has_value()) return 0;
-  const Tensor& s = *scale;
-  TORCH_CHECK(s.scalar_type() == at::kFloat && s.is_contiguous() && s.dim() <= 1 &&
-                  (s.numel() == channels || s.numel() == 1),
-              op, ": scale must be a contiguous float32 tensor of ", channels, " or 1 values, got ", s.scalar_type(),
-              " ", s.sizes());
-  return s.numel() == 1 ? 0 : 1;
 }
 
 Tensor binary_panels(const Tensor& w, int64_t K) {
@@ -237,11 +189,11 @@ BinaryTileArgs binary_args(const Tensor& panels, int64_t N, int64_t K, const std
 }
 
 Tensor binary_gemm(const Tensor& a, const Tensor& w, int64_t K, const std::optional<Tensor>& scale) {
-  check_bits(a, K, "binary_gemm", "a");
-  check_bits(w, K, "binary_gemm", "w");
+  checks::bits(a, K, "binary_gemm", "a");
+  checks::bits(w, K, "binary_gemm", "w");
   const Tensor ac = a.contiguous(), wc = w.contiguous();
   const int64_t M = ac.size(0), N = wc.size(0), Kw = ac.size(1);
-  const int64_t scale_stride = check_scale(scale, N, "binary_gemm");
+  const int64_t scale_stride = checks::scale(scale, N, "binary_gemm");
   Tensor out = at::empty({M, N}, ac.options().dtype(at::kFloat));
   if (M == 0 || N == 0) return out;
   const Tensor panels = binary_panels(wc, K);
@@ -267,22 +219,8 @@ Tensor binary_conv2d(const Tensor& x, const Tensor& w, int64_t in_channels, at::
                      at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
                      const std::optional<Tensor>& scale) {
   const char* op = "binary_conv2d";
-  TORCH_CHECK(x.dim() == 4 && at::isFloatingType(x.scalar_type()), op, ": x must be a floating-point [N, C, H, W] tensor, got ",
-              x.scalar_type(), " ", x.sizes());
-  TORCH_CHECK(x.size(1) == in_channels, op, ": x has ", x.size(1), " channels, the weights expect ", in_channels);
-  TORCH_CHECK(kernel_size.size() == 2 && stride.size() == 2 && padding.size() == 2 && dilation.size() == 2, op,
-              ": kernel_size, stride, padding and dilation take two values each");
-  TORCH_CHECK(kernel_size[0] >= 1 && kernel_size[1] >= 1 && kernel_size[0] <= 64 && kernel_size[1] <= 64, op,
-              ": kernel sizes must lie in [1, 64], got ", kernel_size);
-  TORCH_CHECK(stride[0] >= 1 && stride[1] >= 1 && dilation[0] >= 1 && dilation[1] >= 1 && padding[0] >= 0 &&
-                  padding[1] >= 0,
-              op, ": stride and dilation must be positive and padding non-negative");
-  const cpu::ConvGeometry g = cpu::conv_geometry(x.size(0), in_channels, x.size(2), x.size(3), w.size(0),
-                                                 kernel_size[0], kernel_size[1], stride[0], stride[1], padding[0],
-                                                 padding[1], dilation[0], dilation[1]);
-  check_bits(w, g.K, op, "w");
-  TORCH_CHECK(g.OH > 0 && g.OW > 0, op, ": the output would be empty (", g.OH, "x", g.OW, ")");
-  const int64_t scale_stride = check_scale(scale, g.O, op);
+  const ConvGeometry g = checks::conv(x, w, in_channels, kernel_size, stride, padding, dilation);
+  const int64_t scale_stride = checks::scale(scale, g.O, op);
   Tensor out = at::empty({g.N, g.O, g.OH, g.OW}, x.options().dtype(at::kFloat).memory_format(at::MemoryFormat::ChannelsLast));
   if (g.N == 0 || g.O == 0) return out;
 

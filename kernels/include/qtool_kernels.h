@@ -66,6 +66,24 @@ struct BinaryTileArgs {
   int64_t ldo = 0;
 };
 
+// Geometry of a binary convolution: K = kh * kw * C packed in (tap row, tap column, channel)
+// order, Cw words per input pixel.
+struct ConvGeometry {
+  int64_t N, C, H, W, O, kh, kw, sh, sw, ph, pw, dh, dw;
+  int64_t OH, OW, K, Kw, Cw;
+};
+
+inline ConvGeometry conv_geometry(int64_t N, int64_t C, int64_t H, int64_t W, int64_t O, int64_t kh, int64_t kw,
+                                  int64_t sh, int64_t sw, int64_t ph, int64_t pw, int64_t dh, int64_t dw) {
+  ConvGeometry g{N, C, H, W, O, kh, kw, sh, sw, ph, pw, dh, dw, 0, 0, 0, 0, 0};
+  g.OH = (H + 2 * ph - dh * (kh - 1) - 1) / sh + 1;
+  g.OW = (W + 2 * pw - dw * (kw - 1) - 1) / sw + 1;
+  g.K = C * kh * kw;
+  g.Kw = ceil_div(g.K, 64);
+  g.Cw = ceil_div(C, 64);
+  return g;
+}
+
 struct KernelTable {
   const char* name;
   // Sign bits of `rows` rows of K floats (row stride ldx) into words (row stride ldw).

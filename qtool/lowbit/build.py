@@ -19,7 +19,6 @@ import hashlib
 import os
 import platform
 import shutil
-import subprocess
 import sys
 import tempfile
 from importlib import resources
@@ -28,7 +27,7 @@ from pathlib import Path
 NAME = "qtool_kernels"
 FAMILIES = ("binary", "lowbit")
 GENERIC_SOURCES = ("registration.cpp", "cpu/ops_cpu.cpp", "cpu/dispatch.cpp", "cpu/layout.cpp", "cpu/im2col.cpp")
-CUDA_SOURCES = ("cuda/ops_cuda.cu",)
+CUDA_SOURCES = ("cuda/kernels.cu", "cuda/ops_cuda.cpp")
 CFLAGS = ("-O3", "-Wall", "-Wno-unused-function")  # torch adds -std=c++20
 
 
@@ -57,12 +56,16 @@ def cache_root() -> Path:
     return Path(root).expanduser() if root else Path.home() / ".cache" / "qtool" / "kernels"
 
 
-def _compiler_version() -> str:
+def _compiler_identity() -> str:
+    """The compiler torch will run, as its resolved path, size and mtime: cheaper than running
+    it on every import, and it changes when the compiler is upgraded."""
     compiler = os.environ.get("CXX", "c++")
-    try:
-        return subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
-    except (OSError, subprocess.SubprocessError) as error:
-        return f"{compiler}: {error}"
+    path = shutil.which(compiler)
+    if path is None:
+        return compiler
+    real = os.path.realpath(path)
+    stat = os.stat(real)
+    return f"{compiler}={real}:{stat.st_size}:{stat.st_mtime_ns}"
 
 
 def _flags(with_cuda: bool) -> list[str]:
@@ -84,7 +87,7 @@ def build_id(with_cuda: bool | None = None) -> str:
     for path in sorted(p for p in root.rglob("*") if p.suffix in (".cpp", ".h", ".cu", ".cuh")):
         digest.update(path.relative_to(root).as_posix().encode())
         digest.update(path.read_bytes())
-    for part in (_flags(with_cuda), isas(), torch.__version__, sys.version, platform.machine(), _compiler_version()):
+    for part in (_flags(with_cuda), isas(), torch.__version__, sys.version, platform.machine(), _compiler_identity()):
         digest.update(repr(part).encode())
     return digest.hexdigest()[:16]
 
@@ -131,7 +134,7 @@ def build_kernels(verbose: bool = False) -> str:
             sources=sources,
             extra_cflags=_flags(with_cuda),
             extra_cuda_cflags=["-O3", "--expt-relaxed-constexpr"] + _flags(with_cuda)[3:],
-            extra_include_paths=[str(root / "include"), str(root / "cpu")],
+            extra_include_paths=[str(root / "include"), str(root / "cpu"), str(root / "cuda")],
             build_directory=str(work),
             with_cuda=with_cuda,
             is_python_module=False,

@@ -42,19 +42,19 @@ def _padded_unsigned(codes: torch.Tensor, bits: int) -> torch.Tensor:
     N, K = codes.shape
     u = torch.full((N, _blocks(K) * BLOCK), _OFFSET[bits], dtype=torch.int64, device=codes.device)
     u[:, :K] = codes.to(torch.int64) + _OFFSET[bits]
-    return u.view(N, -1, BLOCK)
+    return u.view(N, _blocks(K), BLOCK)
 
 
 def pack_int4(codes: torch.Tensor) -> torch.Tensor:
     _check_codes(codes, 4)
     u = _padded_unsigned(codes, 4)
-    return (u[..., :32] | (u[..., 32:] << 4)).to(torch.uint8).reshape(codes.shape[0], -1)
+    return (u[..., :32] | (u[..., 32:] << 4)).to(torch.uint8).reshape(codes.shape[0], u.shape[1] * 32)
 
 
 def unpack_int4(packed: torch.Tensor, K: int) -> torch.Tensor:
     N = packed.shape[0]
-    b = packed.to(torch.int64).view(N, -1, 32)
-    u = torch.cat([b & 15, b >> 4], dim=2).reshape(N, -1)
+    b = packed.to(torch.int64).view(N, _blocks(K), 32)
+    u = torch.cat([b & 15, b >> 4], dim=2).reshape(N, _blocks(K) * BLOCK)
     return (u[:, :K] - 8).to(torch.int8)
 
 
@@ -66,16 +66,16 @@ def pack_int3(codes: torch.Tensor) -> torch.Tensor:
     high = (u >> 2) & 1  # bit i of the 64-bit word, as 8 little-endian bytes
     weights = 2 ** torch.arange(8, device=codes.device, dtype=torch.int64)
     high_bytes = (high.view(*high.shape[:2], 8, 8) * weights).sum(-1)
-    return torch.cat([planes, high_bytes], dim=2).to(torch.uint8).reshape(codes.shape[0], -1)
+    return torch.cat([planes, high_bytes], dim=2).to(torch.uint8).reshape(codes.shape[0], u.shape[1] * 24)
 
 
 def unpack_int3(packed: torch.Tensor, K: int) -> torch.Tensor:
     N = packed.shape[0]
-    b = packed.to(torch.int64).view(N, -1, 24)
+    b = packed.to(torch.int64).view(N, _blocks(K), 24)
     planes, high_bytes = b[..., :16], b[..., 16:]
     low = torch.cat([(planes >> s) & 3 for s in (0, 2, 4, 6)], dim=2)
-    high = torch.stack([(high_bytes >> s) & 1 for s in range(8)], dim=3).reshape(*b.shape[:2], BLOCK)
-    return ((low | (high << 2))[:, :, :].reshape(N, -1)[:, :K] - 4).to(torch.int8)
+    high = torch.stack([(high_bytes >> s) & 1 for s in range(8)], dim=3).reshape(N, _blocks(K), BLOCK)
+    return ((low | (high << 2)).reshape(N, _blocks(K) * BLOCK)[:, :K] - 4).to(torch.int8)
 
 
 def _bit_weights(device) -> torch.Tensor:
@@ -90,13 +90,13 @@ def pack_binary(x: torch.Tensor) -> torch.Tensor:
     rows, K = x.shape
     bits = torch.zeros(rows, _blocks(K) * BLOCK, dtype=torch.int64, device=x.device)
     bits[:, :K] = (x >= 0).to(torch.int64)
-    return (bits.view(rows, -1, BLOCK) * _bit_weights(x.device)).sum(-1)
+    return (bits.view(rows, _blocks(K), BLOCK) * _bit_weights(x.device)).sum(-1)
 
 
 def unpack_binary(bits: torch.Tensor, K: int) -> torch.Tensor:
     shifts = torch.arange(64, device=bits.device)
     b = (bits.unsqueeze(-1) >> shifts) & 1  # arithmetic shift: bit 63 still lands in bit 0
-    return (b.reshape(bits.shape[0], -1)[:, :K] * 2 - 1).to(torch.float32)
+    return (b.reshape(bits.shape[0], bits.shape[1] * 64)[:, :K] * 2 - 1).to(torch.float32)
 
 
 def quantize_rows_i8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
