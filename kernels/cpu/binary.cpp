@@ -40,20 +40,31 @@ void tile(const BinaryTileArgs& t, int64_t r0, int64_t p0) {
         acc[m][r] = _mm512_add_epi64(acc[m][r], _mm512_popcnt_epi64(_mm512_xor_si512(av, wv[r])));
     }
   }
-  const int64_t npad = ceil_div(t.N, kBinaryPanel) * kBinaryPanel;
-  for (int m = 0; m < MR && r0 + m < t.rows; ++m) {
+  // Everything the epilogue reads goes to locals first: the masked stores take void*, so the
+  // compiler would otherwise reload each field of `t` after every store.
+  const int64_t npad = ceil_div(t.N, kBinaryPanel) * kBinaryPanel, rows = t.rows, ldo = t.ldo, N = t.N;
+  const int32_t* corr = t.corr;
+  const int32_t* pattern = t.pattern;
+  float* out = t.out;
+  const __m512i k = _mm512_set1_epi64(t.K);
+  __m256 scale[NR];
+  __mmask8 valid[NR];
+  for (int r = 0; r < NR; ++r) {
+    const int64_t n0 = (p0 + r) * kBinaryPanel;
+    valid[r] = N - n0 >= 8 ? 0xFF : static_cast<__mmask8>((1u << (N - n0)) - 1);
+    scale[r] = !t.scale ? _mm256_set1_ps(1.0f)
+               : t.scale_stride ? _mm256_maskz_loadu_ps(valid[r], t.scale + n0) : _mm256_set1_ps(t.scale[0]);
+  }
+  for (int m = 0; m < MR && r0 + m < rows; ++m) {
     const int64_t row = r0 + m;
     for (int r = 0; r < NR; ++r) {
       const int64_t n0 = (p0 + r) * kBinaryPanel;
-      const __mmask8 valid = t.N - n0 >= 8 ? 0xFF : static_cast<__mmask8>((1u << (t.N - n0)) - 1);
-      __m512i dot = _mm512_sub_epi64(_mm512_set1_epi64(t.K), _mm512_slli_epi64(acc[m][r], 1));
-      if (t.corr)
+      __m512i dot = _mm512_sub_epi64(k, _mm512_slli_epi64(acc[m][r], 1));
+      if (corr)
         dot = _mm512_add_epi64(dot, _mm512_cvtepi32_epi64(_mm256_loadu_si256(
-                                        reinterpret_cast<const __m256i*>(t.corr + t.pattern[row] * npad + n0))));
-      __m256 v = _mm512_cvtepi64_ps(dot);  // exact: |dot| <= K < 2^24
-      if (t.scale)
-        v = _mm256_mul_ps(v, t.scale_stride ? _mm256_maskz_loadu_ps(valid, t.scale + n0) : _mm256_set1_ps(t.scale[0]));
-      _mm256_mask_storeu_ps(t.out + row * t.ldo + n0, valid, v);
+                                        reinterpret_cast<const __m256i*>(corr + pattern[row] * npad + n0))));
+      // exact: |dot| <= K < 2^24
+      _mm256_mask_storeu_ps(out + row * ldo + n0, valid[r], _mm256_mul_ps(_mm512_cvtepi64_ps(dot), scale[r]));
     }
   }
 }
@@ -89,6 +100,37 @@ void pack_sign_rows_impl(const float* x, int64_t rows, int64_t K, int64_t ldx, u
         bits |= static_cast<uint64_t>(ge) << (16 * q);
       }
       out[i * ldw + wd] = bits;
+    }
+  }
+}
+
+// 16 pixels per step: one 16-float load per channel, its sign mask ORed into the channel's bit
+// of 16 words (two vectors of 8).
+void pack_sign_planes_impl(const float* x, int64_t C, int64_t plane_stride, int64_t pixels, uint64_t* out,
+                           int64_t Cw) {
+  const __m512 zero = _mm512_setzero_ps();
+  for (int64_t p = 0; p < pixels; p += 16) {
+    const int64_t count = pixels - p < 16 ? pixels - p : 16;
+    const __mmask16 valid = count == 16 ? 0xFFFF : static_cast<__mmask16>((1u << count) - 1);
+    for (int64_t w = 0; w < Cw; ++w) {
+      __m512i lo = _mm512_setzero_si512(), hi = _mm512_setzero_si512();
+      const int64_t c1 = (w + 1) * 64 < C ? (w + 1) * 64 : C;
+      for (int64_t c = w * 64; c < c1; ++c) {
+        const __mmask16 ge =
+            _mm512_mask_cmp_ps_mask(valid, _mm512_maskz_loadu_ps(valid, x + c * plane_stride + p), zero, _CMP_GE_OQ);
+        const __m512i bit = _mm512_set1_epi64(static_cast<long long>(1ULL << (c - w * 64)));
+        lo = _mm512_mask_or_epi64(lo, static_cast<__mmask8>(ge), lo, bit);
+        hi = _mm512_mask_or_epi64(hi, static_cast<__mmask8>(ge >> 8), hi, bit);
+      }
+      if (Cw == 1) {
+        _mm512_mask_storeu_epi64(out + p, static_cast<__mmask8>(valid), lo);
+        _mm512_mask_storeu_epi64(out + p + 8, static_cast<__mmask8>(valid >> 8), hi);
+      } else {
+        alignas(64) uint64_t words[16];
+        _mm512_store_si512(words, lo);
+        _mm512_store_si512(words + 8, hi);
+        for (int64_t j = 0; j < count; ++j) out[(p + j) * Cw + w] = words[j];
+      }
     }
   }
 }
@@ -166,6 +208,33 @@ void pack_sign_rows_impl(const float* x, int64_t rows, int64_t K, int64_t ldx, u
   }
 }
 
+// 4 pixels per step: each channel's compare mask, widened to 64-bit lanes, selects its bit.
+void pack_sign_planes_impl(const float* x, int64_t C, int64_t plane_stride, int64_t pixels, uint64_t* out,
+                           int64_t Cw) {
+  const __m128 zero = _mm_setzero_ps();
+  int64_t p = 0;
+  for (; p + 4 <= pixels; p += 4)
+    for (int64_t w = 0; w < Cw; ++w) {
+      __m256i acc = _mm256_setzero_si256();
+      const int64_t c1 = (w + 1) * 64 < C ? (w + 1) * 64 : C;
+      for (int64_t c = w * 64; c < c1; ++c) {
+        const __m128i ge = _mm_castps_si128(_mm_cmpge_ps(_mm_loadu_ps(x + c * plane_stride + p), zero));
+        const __m256i bit = _mm256_set1_epi64x(static_cast<long long>(1ULL << (c - w * 64)));
+        acc = _mm256_or_si256(acc, _mm256_and_si256(_mm256_cvtepi32_epi64(ge), bit));
+      }
+      alignas(32) uint64_t words[4];
+      _mm256_store_si256(reinterpret_cast<__m256i*>(words), acc);
+      for (int j = 0; j < 4; ++j) out[(p + j) * Cw + w] = words[j];
+    }
+  for (; p < pixels; ++p)
+    for (int64_t w = 0; w < Cw; ++w) {
+      uint64_t bits = 0;
+      for (int64_t c = w * 64; c < C && c < (w + 1) * 64; ++c)
+        bits |= static_cast<uint64_t>(x[c * plane_stride + p] >= 0.0f) << (c - w * 64);
+      out[p * Cw + w] = bits;
+    }
+}
+
 #else
 // -------------------------------------------------------------------------------- scalar
 void binary_tile_impl(const BinaryTileArgs& t) {
@@ -188,9 +257,20 @@ void pack_sign_rows_impl(const float* x, int64_t rows, int64_t K, int64_t ldx, u
       out[i * ldw + k / 64] |= static_cast<uint64_t>(x[i * ldx + k] >= 0.0f) << (k % 64);
   }
 }
+void pack_sign_planes_impl(const float* x, int64_t C, int64_t plane_stride, int64_t pixels, uint64_t* out,
+                           int64_t Cw) {
+  for (int64_t p = 0; p < pixels * Cw; ++p) out[p] = 0;
+  for (int64_t c = 0; c < C; ++c)
+    for (int64_t p = 0; p < pixels; ++p)
+      out[p * Cw + c / 64] |= static_cast<uint64_t>(x[c * plane_stride + p] >= 0.0f) << (c % 64);
+}
 #endif
 
 }  // namespace
+
+void pack_sign_planes(const float* x, int64_t C, int64_t plane_stride, int64_t pixels, uint64_t* out, int64_t Cw) {
+  pack_sign_planes_impl(x, C, plane_stride, pixels, out, Cw);
+}
 
 void binary_tile(const BinaryTileArgs& t) { binary_tile_impl(t); }
 

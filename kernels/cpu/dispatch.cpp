@@ -11,6 +11,7 @@
   namespace cpu {                                                                               \
   namespace NS {                                                                                \
   void pack_sign_rows(const float*, int64_t, int64_t, int64_t, uint64_t*, int64_t);             \
+  void pack_sign_planes(const float*, int64_t, int64_t, int64_t, uint64_t*, int64_t);           \
   void binary_tile(const BinaryTileArgs&);                                                      \
   void quantize_rows_i8(const float*, int64_t, int64_t, int64_t, int8_t*, int64_t, float*);     \
   int lowbit_lanes();                                                                           \
@@ -23,7 +24,7 @@
 
 #define QTOOL_TABLE(NS)                                                                          \
   KernelTable {                                                                                  \
-    #NS, &NS::pack_sign_rows, &NS::binary_tile, &NS::quantize_rows_i8, NS::lowbit_lanes(),       \
+    #NS, &NS::pack_sign_rows, &NS::pack_sign_planes, &NS::binary_tile, &NS::quantize_rows_i8, NS::lowbit_lanes(),       \
         &NS::lowbit_lane_sums, &NS::lowbit_i8, &NS::lowbit_f32                                   \
   }
 

@@ -35,10 +35,42 @@ struct PaddingCorrection {
 };
 PaddingCorrection padding_correction(const ConvGeometry& g, const uint64_t* w);
 
-// im2col of output pixels [m0, m0 + rows) into a zeroed tile [rows][Kw]; K is ordered
-// (tap row, tap column, channel), the order of the packed weights. `pixels` holds the sign
-// bits of the input, [N * H * W][Cw].
-void im2col_bits(const ConvGeometry& g, const uint64_t* pixels, int64_t m0, int64_t rows,
+// What im2col precomputes once per call.
+//  - kDense (C % 8 == 0, not a multiple of 64, no column dilation): every input row is stored
+//    once as a zero-padded bit stream, C bits per pixel; a kernel row of any output is then
+//    kw * C contiguous, byte-aligned bits: one unaligned 64-bit load per 64 bits, no bounds
+//    checks (padding reads as 0 bits, which the padding correction expects).
+//  - kAligned (C % 64 == 0): every tap is whole words, copied.
+//  - kGeneral: taps appended bit by bit-field.
+// For the last two, outputs whose window lies inside the input use precomputed tap offsets.
+struct Im2col {
+  enum Mode { kDense, kAligned, kGeneral } mode;
+  std::vector<int64_t> offset;  // per tap: words from the window's top-left pixel
+  std::vector<int64_t> pos;     // per tap: first bit of the tap in the row
+  std::vector<uint8_t> row_inside, col_inside;  // per oh / ow: no tap reads padding
+  std::vector<uint8_t> stream;  // kDense: [N][H + 2 ph][row_bytes] padded pixel bits
+  int64_t row_bytes = 0;
+  // kDense program: the window is read as 64-bit chunks (byte offset from the window's first
+  // byte, mask); output word w is the OR of terms[4w .. 4w + 3], each (chunk << left) >> right.
+  // Unused terms read chunk `chunks.size()`, which is always 0: no branches per pixel.
+  static constexpr int kTermsPerWord = 4;
+  struct Chunk {
+    int64_t offset;
+    uint64_t mask;
+  };
+  struct Term {
+    int32_t chunk;
+    uint8_t left, right;
+  };
+  std::vector<Chunk> chunks;
+  std::vector<Term> terms;
+};
+Im2col im2col_plan(const ConvGeometry& g, const uint64_t* pixels);
+
+// im2col of output pixels [m0, m0 + rows) into a tile [rows][Kw]; K is ordered (tap row, tap
+// column, channel), the order of the packed weights. `pixels` holds the sign bits of the
+// input, [N * H * W][Cw].
+void im2col_bits(const ConvGeometry& g, const Im2col& plan, const uint64_t* pixels, int64_t m0, int64_t rows,
                  uint64_t* tile, int32_t* pattern, const PaddingCorrection& pc);
 
 }  // namespace cpu

@@ -224,20 +224,35 @@ Tensor binary_conv2d(const Tensor& x, const Tensor& w, int64_t in_channels, at::
   Tensor out = at::empty({g.N, g.O, g.OH, g.OW}, x.options().dtype(at::kFloat).memory_format(at::MemoryFormat::ChannelsLast));
   if (g.N == 0 || g.O == 0) return out;
 
-  // Sign bits of every input pixel's channels, [N * H * W][Cw].
-  const Tensor xc = x.to(at::kFloat).contiguous(at::MemoryFormat::ChannelsLast);
-  const int64_t npix = g.N * g.H * g.W;
-  Tensor pixels = at::empty({npix, g.Cw}, x.options().dtype(at::kLong));
+  // Sign bits of every input pixel's channels, [N * H * W][Cw], read from NCHW or channels-last
+  // memory as it comes (any other layout is made NCHW first).
   const auto& kt = cpu::kernels();
+  const Tensor xf = x.to(at::kFloat);
+  const bool channels_last = xf.is_contiguous(at::MemoryFormat::ChannelsLast) && !xf.is_contiguous();
+  const Tensor xc = channels_last ? xf : xf.contiguous();
   const float* xs = xc.data_ptr<float>();
+  const int64_t hw = g.H * g.W, npix = g.N * hw;
+  Tensor pixels = at::empty({npix, g.Cw}, x.options().dtype(at::kLong));
   uint64_t* px = reinterpret_cast<uint64_t*>(pixels.data_ptr<int64_t>());
-  at::parallel_for(0, npix, std::max<int64_t>(1, 4096 / g.C), [&](int64_t b, int64_t e) {
-    kt.pack_sign_rows(xs + b * g.C, e - b, g.C, g.C, px + b * g.Cw, g.Cw);
-  });
+  if (channels_last) {
+    at::parallel_for(0, npix, std::max<int64_t>(1, 4096 / g.C), [&](int64_t b, int64_t e) {
+      kt.pack_sign_rows(xs + b * g.C, e - b, g.C, g.C, px + b * g.Cw, g.Cw);
+    });
+  } else {
+    constexpr int64_t chunk = 256;  // pixels of one image per task
+    const int64_t chunks = ceil_div(hw, chunk);
+    at::parallel_for(0, g.N * chunks, 1, [&](int64_t b, int64_t e) {
+      for (int64_t task = b; task < e; ++task) {
+        const int64_t n = task / chunks, p0 = task % chunks * chunk, count = std::min(chunk, hw - p0);
+        kt.pack_sign_planes(xs + n * g.C * hw + p0, g.C, hw, count, px + (n * hw + p0) * g.Cw, g.Cw);
+      }
+    });
+  }
 
   const Tensor wc = w.contiguous();
   const Tensor panels = binary_panels(wc, g.K);
   const cpu::PaddingCorrection pc = cpu::padding_correction(g, reinterpret_cast<const uint64_t*>(wc.data_ptr<int64_t>()));
+  const cpu::Im2col plan = cpu::im2col_plan(g, px);
   BinaryTileArgs base = binary_args(panels, g.O, g.K, scale, scale_stride, out.data_ptr<float>(), g.O);
   base.corr = pc.any ? pc.table.data() : nullptr;
   const int64_t M = g.N * g.OH * g.OW;
@@ -246,7 +261,7 @@ Tensor binary_conv2d(const Tensor& x, const Tensor& w, int64_t in_channels, at::
     std::vector<int32_t> pattern(kBinaryTileRows);
     for (int64_t i = b; i < e; ++i) {
       const int64_t m0 = i * kBinaryTileRows, rows = std::min(kBinaryTileRows, M - m0);
-      cpu::im2col_bits(g, px, m0, rows, tile.data(), pattern.data(), pc);
+      cpu::im2col_bits(g, plan, px, m0, rows, tile.data(), pattern.data(), pc);
       BinaryTileArgs t = base;
       t.a = tile.data();
       t.rows = rows;

@@ -89,6 +89,10 @@ struct KernelTable {
   // Sign bits of `rows` rows of K floats (row stride ldx) into words (row stride ldw).
   void (*pack_sign_rows)(const float* x, int64_t rows, int64_t K, int64_t ldx, uint64_t* out,
                          int64_t ldw);
+  // Sign bits of `pixels` pixels of C channel planes (x[c * plane_stride + p]) into words
+  // out[p * Cw + c / 64]: an NCHW image packed per pixel without a channels-last copy.
+  void (*pack_sign_planes)(const float* x, int64_t C, int64_t plane_stride, int64_t pixels, uint64_t* out,
+                           int64_t Cw);
   void (*binary_tile)(const BinaryTileArgs& t);
   // Per-row symmetric int8: scale = max|x| / 127 (1 for an all-zero row), q = round(x / scale).
   void (*quantize_rows_i8)(const float* x, int64_t rows, int64_t K, int64_t ldx, int8_t* q,

@@ -48,6 +48,14 @@ CONVS = [
     (1, 5, 7, 7, 3, 5, 1, 3, 1),      # padding wider than half the kernel
     (1, 32, 4, 4, 24, (3, 1), 1, (2, 0), 1),  # non-square kernel and padding
     (3, 130, 3, 3, 8, 3, 1, 1, 1),    # C = 2 words + 2 bits
+    # byte-aligned channel counts (dense bit streams), the compiled-in 3x3 ones and others
+    (2, 8, 6, 6, 9, 3, 2, 1, 1),
+    (1, 24, 5, 5, 7, 3, 1, 1, 1),
+    (2, 32, 6, 7, 12, 3, 1, 1, 1),
+    (2, 48, 5, 4, 10, 3, 2, 1, 1),
+    (1, 72, 5, 5, 6, 3, 1, 1, 1),
+    (1, 16, 6, 6, 5, 5, 1, 2, (2, 1)),
+    (1, 40, 4, 6, 3, 2, 2, 0, 1),
 ]
 
 
