@@ -137,16 +137,18 @@ void pack_sign_planes_impl(const float* x, int64_t C, int64_t plane_stride, int6
 
 #elif defined(QTOOL_ISA_AVX2)
 // ---------------------------------------------------------------------------------- AVX2
-// Popcount by nibble lookup (vpshufb); per-byte counts accumulate for up to 31 words (31 * 8
-// < 256) before vpsadbw widens them into the 64-bit lane of their channel.
+// Popcount by nibble lookup (vpshufb). Both operands come split into nibble bytes, so that
+// (a ^ w) & 0xF = a_lo ^ w_lo: per 256 bits, 2 xors, 2 lookups and 2 byte adds. Per-byte
+// counts accumulate for up to 31 words (31 * 8 < 256) before vpsadbw widens them into the
+// 64-bit lane of their channel.
+constexpr int kMR = 3;  // 3 rows x 8 channels: 6 byte accumulators, 4 weight vectors
+
 template <int MR>
-void tile(const BinaryTileArgs& t, int64_t r0, int64_t p) {
+void tile(const BinaryTileArgs& t, const uint64_t* alo, const uint64_t* ahi, int64_t r0, int64_t p) {
   const int64_t Kw = t.Kw;
-  const uint64_t* a = t.a + r0 * Kw;
-  const uint64_t* w = t.panels + p * Kw * kBinaryPanel;
+  const uint64_t* w = t.panel_nibbles + p * Kw * 2 * kBinaryPanel;
   const __m256i lut = _mm256_setr_epi8(0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4,
                                        0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4);
-  const __m256i nib = _mm256_set1_epi8(0x0F);
   __m256i total[MR][2];
   for (int m = 0; m < MR; ++m) total[m][0] = total[m][1] = _mm256_setzero_si256();
   for (int64_t k0 = 0; k0 < Kw; k0 += 31) {
@@ -154,15 +156,16 @@ void tile(const BinaryTileArgs& t, int64_t r0, int64_t p) {
     __m256i bytes[MR][2];
     for (int m = 0; m < MR; ++m) bytes[m][0] = bytes[m][1] = _mm256_setzero_si256();
     for (int64_t k = k0; k < k1; ++k) {
-      const __m256i w0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + k * kBinaryPanel));
-      const __m256i w1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + k * kBinaryPanel + 4));
+      const __m256i* wk = reinterpret_cast<const __m256i*>(w + k * 2 * kBinaryPanel);
+      const __m256i wlo0 = _mm256_loadu_si256(wk), wlo1 = _mm256_loadu_si256(wk + 1);
+      const __m256i whi0 = _mm256_loadu_si256(wk + 2), whi1 = _mm256_loadu_si256(wk + 3);
       for (int m = 0; m < MR; ++m) {
-        const __m256i av = _mm256_set1_epi64x(static_cast<long long>(a[m * Kw + k]));
-        const __m256i x0 = _mm256_xor_si256(av, w0), x1 = _mm256_xor_si256(av, w1);
-        bytes[m][0] = _mm256_add_epi8(bytes[m][0], _mm256_shuffle_epi8(lut, _mm256_and_si256(x0, nib)));
-        bytes[m][0] = _mm256_add_epi8(bytes[m][0], _mm256_shuffle_epi8(lut, _mm256_and_si256(_mm256_srli_epi16(x0, 4), nib)));
-        bytes[m][1] = _mm256_add_epi8(bytes[m][1], _mm256_shuffle_epi8(lut, _mm256_and_si256(x1, nib)));
-        bytes[m][1] = _mm256_add_epi8(bytes[m][1], _mm256_shuffle_epi8(lut, _mm256_and_si256(_mm256_srli_epi16(x1, 4), nib)));
+        const __m256i al = _mm256_set1_epi64x(static_cast<long long>(alo[(r0 + m) * Kw + k]));
+        const __m256i ah = _mm256_set1_epi64x(static_cast<long long>(ahi[(r0 + m) * Kw + k]));
+        bytes[m][0] = _mm256_add_epi8(bytes[m][0], _mm256_add_epi8(_mm256_shuffle_epi8(lut, _mm256_xor_si256(al, wlo0)),
+                                                                   _mm256_shuffle_epi8(lut, _mm256_xor_si256(ah, whi0))));
+        bytes[m][1] = _mm256_add_epi8(bytes[m][1], _mm256_add_epi8(_mm256_shuffle_epi8(lut, _mm256_xor_si256(al, wlo1)),
+                                                                   _mm256_shuffle_epi8(lut, _mm256_xor_si256(ah, whi1))));
       }
     }
     for (int m = 0; m < MR; ++m)
@@ -181,11 +184,26 @@ void tile(const BinaryTileArgs& t, int64_t r0, int64_t p) {
 }
 
 void binary_tile_impl(const BinaryTileArgs& t) {
+  // Split the activation tile into nibble bytes once; every panel reuses it.
+  const int64_t words = t.rows * t.Kw;
+  uint64_t* alo = t.scratch;
+  uint64_t* ahi = t.scratch + kBinaryTileRows * t.Kw;
+  const __m256i nib = _mm256_set1_epi8(0x0F);
+  int64_t i = 0;
+  for (; i + 4 <= words; i += 4) {
+    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(t.a + i));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(alo + i), _mm256_and_si256(v, nib));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(ahi + i), _mm256_and_si256(_mm256_srli_epi16(v, 4), nib));
+  }
+  for (; i < words; ++i) {
+    alo[i] = t.a[i] & 0x0F0F0F0F0F0F0F0FULL;
+    ahi[i] = (t.a[i] >> 4) & 0x0F0F0F0F0F0F0F0FULL;
+  }
   const int64_t np = ceil_div(t.N, kBinaryPanel);
   for (int64_t p = 0; p < np; ++p) {
     int64_t r = 0;
-    for (; r + 4 <= t.rows; r += 4) tile<4>(t, r, p);
-    for (; r < t.rows; ++r) tile<1>(t, r, p);
+    for (; r + kMR <= t.rows; r += kMR) tile<kMR>(t, alo, ahi, r, p);
+    for (; r < t.rows; ++r) tile<1>(t, alo, ahi, r, p);
   }
 }
 
@@ -273,6 +291,14 @@ void pack_sign_planes(const float* x, int64_t C, int64_t plane_stride, int64_t p
 }
 
 void binary_tile(const BinaryTileArgs& t) { binary_tile_impl(t); }
+
+bool binary_wants_nibbles() {
+#if defined(QTOOL_ISA_AVX2)
+  return true;
+#else
+  return false;
+#endif
+}
 
 void pack_sign_rows(const float* x, int64_t rows, int64_t K, int64_t ldx, uint64_t* out, int64_t ldw) {
   pack_sign_rows_impl(x, rows, K, ldx, out, ldw);

@@ -85,6 +85,15 @@ void binary_panels(const uint64_t* w, int64_t N, int64_t Kw, int64_t K, uint64_t
       }
 }
 
+void binary_nibble_panels(const uint64_t* panels, int64_t count, int64_t Kw, uint64_t* out) {
+  const uint64_t low = 0x0F0F0F0F0F0F0F0FULL;
+  for (int64_t i = 0; i < count * Kw; ++i)
+    for (int64_t j = 0; j < kBinaryPanel; ++j) {
+      out[(2 * i) * kBinaryPanel + j] = panels[i * kBinaryPanel + j] & low;
+      out[(2 * i + 1) * kBinaryPanel + j] = (panels[i * kBinaryPanel + j] >> 4) & low;
+    }
+}
+
 void copy_bit_rows(const uint64_t* a, int64_t rows, int64_t Kw, int64_t K, uint64_t* tile) {
   std::memcpy(tile, a, sizeof(uint64_t) * rows * Kw);
   const uint64_t last = tail_mask(Kw, K, Kw - 1);

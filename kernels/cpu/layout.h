@@ -19,6 +19,9 @@ void unpack_int3(const uint8_t* packed, int64_t N, int64_t K, int8_t* codes);
 // Weights [N][Kw] to panels [ceil(N / 8)][Kw][8]; bits past K and missing channels are zero.
 void binary_panels(const uint64_t* w, int64_t N, int64_t Kw, int64_t K, uint64_t* panels);
 
+// Panels split into nibble bytes, [panels][Kw][lo, hi][8] (for nibble-LUT popcounts).
+void binary_nibble_panels(const uint64_t* panels, int64_t count, int64_t Kw, uint64_t* out);
+
 // Rows of packed bits into a tile, clearing the bits past K (callers may pass any tail).
 void copy_bit_rows(const uint64_t* a, int64_t rows, int64_t Kw, int64_t K, uint64_t* tile);
 

@@ -174,6 +174,15 @@ Tensor binary_panels(const Tensor& w, int64_t K) {
   return panels;
 }
 
+// The panels split into nibble bytes, for kernels that want them (else undefined).
+Tensor nibble_panels(const KernelTable& kt, const Tensor& panels, int64_t N, int64_t Kw) {
+  if (!kt.binary_wants_nibbles) return Tensor();
+  Tensor out = at::empty({panels.numel() * 2}, panels.options());
+  cpu::binary_nibble_panels(reinterpret_cast<const uint64_t*>(panels.data_ptr<int64_t>()), ceil_div(N, kBinaryPanel),
+                            Kw, reinterpret_cast<uint64_t*>(out.data_ptr<int64_t>()));
+  return out;
+}
+
 BinaryTileArgs binary_args(const Tensor& panels, int64_t N, int64_t K, const std::optional<Tensor>& scale,
                            int64_t scale_stride, float* out, int64_t ldo) {
   BinaryTileArgs t;
@@ -196,18 +205,22 @@ Tensor binary_gemm(const Tensor& a, const Tensor& w, int64_t K, const std::optio
   const int64_t scale_stride = checks::scale(scale, N, "binary_gemm");
   Tensor out = at::empty({M, N}, ac.options().dtype(at::kFloat));
   if (M == 0 || N == 0) return out;
-  const Tensor panels = binary_panels(wc, K);
-  const BinaryTileArgs base = binary_args(panels, N, K, scale, scale_stride, out.data_ptr<float>(), N);
-  const uint64_t* src = reinterpret_cast<const uint64_t*>(ac.data_ptr<int64_t>());
   const auto& kt = cpu::kernels();
+  const Tensor panels = binary_panels(wc, K);
+  const Tensor nibbles = nibble_panels(kt, panels, N, Kw);
+  BinaryTileArgs base = binary_args(panels, N, K, scale, scale_stride, out.data_ptr<float>(), N);
+  base.panel_nibbles = nibbles.defined() ? reinterpret_cast<const uint64_t*>(nibbles.data_ptr<int64_t>()) : nullptr;
+  const uint64_t* src = reinterpret_cast<const uint64_t*>(ac.data_ptr<int64_t>());
   at::parallel_for(0, ceil_div(M, kBinaryTileRows), 1, [&](int64_t b, int64_t e) {
     std::vector<uint64_t> tile(kBinaryTileRows * std::max<int64_t>(Kw, 1));
+    std::vector<uint64_t> scratch(kt.binary_wants_nibbles ? 2 * tile.size() : 0);
     for (int64_t i = b; i < e; ++i) {
       const int64_t m0 = i * kBinaryTileRows, rows = std::min(kBinaryTileRows, M - m0);
       cpu::copy_bit_rows(src + m0 * Kw, rows, Kw, K, tile.data());
       BinaryTileArgs t = base;
       t.a = tile.data();
       t.rows = rows;
+      t.scratch = scratch.data();
       t.out = base.out + m0 * N;
       kt.binary_tile(t);
     }
@@ -251,13 +264,16 @@ Tensor binary_conv2d(const Tensor& x, const Tensor& w, int64_t in_channels, at::
 
   const Tensor wc = w.contiguous();
   const Tensor panels = binary_panels(wc, g.K);
+  const Tensor nibbles = nibble_panels(kt, panels, g.O, g.Kw);
   const cpu::PaddingCorrection pc = cpu::padding_correction(g, reinterpret_cast<const uint64_t*>(wc.data_ptr<int64_t>()));
   const cpu::Im2col plan = cpu::im2col_plan(g, px);
   BinaryTileArgs base = binary_args(panels, g.O, g.K, scale, scale_stride, out.data_ptr<float>(), g.O);
   base.corr = pc.any ? pc.table.data() : nullptr;
+  base.panel_nibbles = nibbles.defined() ? reinterpret_cast<const uint64_t*>(nibbles.data_ptr<int64_t>()) : nullptr;
   const int64_t M = g.N * g.OH * g.OW;
   at::parallel_for(0, ceil_div(M, kBinaryTileRows), 1, [&](int64_t b, int64_t e) {
     std::vector<uint64_t> tile(kBinaryTileRows * g.Kw);
+    std::vector<uint64_t> scratch(kt.binary_wants_nibbles ? 2 * tile.size() : 0);
     std::vector<int32_t> pattern(kBinaryTileRows);
     for (int64_t i = b; i < e; ++i) {
       const int64_t m0 = i * kBinaryTileRows, rows = std::min(kBinaryTileRows, M - m0);
@@ -266,6 +282,7 @@ Tensor binary_conv2d(const Tensor& x, const Tensor& w, int64_t in_channels, at::
       t.a = tile.data();
       t.rows = rows;
       t.pattern = pattern.data();
+      t.scratch = scratch.data();
       t.out = base.out + m0 * g.O;
       kt.binary_tile(t);
     }

@@ -57,6 +57,11 @@ struct BinaryTileArgs {
   int64_t Kw = 0;
   int64_t K = 0;
   const uint64_t* panels = nullptr;  // [ceil(N / 8)][Kw][8]
+  // Kernels with nibble-LUT popcounts (AVX2) read the panels split into nibble bytes,
+  // [ceil(N / 8)][Kw][lo, hi][8] (a byte holds 0..15), and split `a` into `scratch`
+  // ([2][kBinaryTileRows][Kw] words); null for the other kernels.
+  const uint64_t* panel_nibbles = nullptr;
+  uint64_t* scratch = nullptr;
   int64_t N = 0;
   const int32_t* corr = nullptr;     // zero-padding correction [patterns][ceil8(N)], or null
   const int32_t* pattern = nullptr;  // [rows] index into corr, or null
@@ -94,6 +99,7 @@ struct KernelTable {
   void (*pack_sign_planes)(const float* x, int64_t C, int64_t plane_stride, int64_t pixels, uint64_t* out,
                            int64_t Cw);
   void (*binary_tile)(const BinaryTileArgs& t);
+  bool binary_wants_nibbles;  // fill BinaryTileArgs::panel_nibbles and scratch
   // Per-row symmetric int8: scale = max|x| / 127 (1 for an all-zero row), q = round(x / scale).
   void (*quantize_rows_i8)(const float* x, int64_t rows, int64_t K, int64_t ldx, int8_t* q,
                            int64_t ldq, float* scale);
