@@ -2,7 +2,8 @@
 
 The one place that times kernels. Method: same process, same thread count for both sides
 (``torch.set_num_threads`` governs torch's BLAS and our ``at::parallel_for`` alike), a
-correctness check before timing, warm-up, then the median of repeated runs. Memory-bound
+correctness check before timing, warm-up, then the two sides timed alternately (so that a
+busy neighbour slows both) and the median of each. Memory-bound
 linears rotate over more distinct weight copies than the last-level cache holds (> 300 MB
 per side), so each call streams its weights from DRAM, as in a real model.
 
@@ -54,6 +55,22 @@ def median_ms(fn: Callable[[], object], repeats: int = 20, warmup: int = 3) -> f
     return statistics.median(times)
 
 
+def paired_median_ms(ours: Callable[[], object], fp32: Callable[[], object], repeats: int = 20,
+                     warmup: int = 3) -> tuple[float, float]:
+    """Medians of the two sides timed alternately (ours, fp32, ours, ...), so that both see the
+    same machine state: a busy neighbour slows both sides, not one."""
+    for _ in range(warmup):
+        ours()
+        fp32()
+    times: tuple[list[float], list[float]] = ([], [])
+    for _ in range(repeats):
+        for side, fn in enumerate((ours, fp32)):
+            start = time.perf_counter()
+            fn()
+            times[side].append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times[0]), statistics.median(times[1])
+
+
 class Rotation:
     """Distinct copies of some tensors, totalling at least ``ROTATE_BYTES``; ``next()`` returns
     the following copy, so consecutive calls never find their data in cache."""
@@ -97,18 +114,25 @@ RESNET18_CONVS = [(1, 64, 56, 56, 64, 3, 3), (1, 128, 28, 28, 128, 3, 3), (1, 25
 LINEAR_BATCHES = (1, 16, 64)
 
 
-def bench_binary_gemm(M, K, N, threads, isa, repeats):
+def bench_binary_gemm(M, K, N, threads, isa, repeats, fp32_input=False):
+    """Weights packed ahead, as in a model. Activations packed too (the GEMM itself, what a
+    binary network whose layers emit bits feeds it), or fp32 binarized and packed inside the
+    timing (``fp32_input``: memory-bound on reading the fp32 activations when M * K is large)."""
     g = torch.Generator().manual_seed(0)
     a, w = torch.randn(M, K, generator=g), torch.randn(N, K, generator=g)
-    w_bits, w_t = torch.ops.qtool.pack_binary(w), w.t().contiguous()
+    a_bits, w_bits, w_t = torch.ops.qtool.pack_binary(a), torch.ops.qtool.pack_binary(w), w.t().contiguous()
     scale = torch.rand(N, generator=g)
-    ours_fn = lambda: torch.ops.qtool.binary_gemm(torch.ops.qtool.pack_binary(a), w_bits, K, scale)  # noqa: E731
+    if fp32_input:
+        ours_fn = lambda: torch.ops.qtool.binary_gemm(torch.ops.qtool.pack_binary(a), w_bits, K, scale)  # noqa: E731
+    else:
+        ours_fn = lambda: torch.ops.qtool.binary_gemm(a_bits, w_bits, K, scale)  # noqa: E731
     expected = (torch.where(a >= 0, 1.0, -1.0) @ torch.where(w >= 0, 1.0, -1.0).T) * scale
     assert torch.equal(ours_fn(), expected), "binary_gemm disagrees with the reference"
-    ours, fp32 = median_ms(ours_fn, repeats), median_ms(lambda: torch.matmul(a, w_t), repeats)
-    moved = M * K * 4 + N * -(-K // 64) * 8 + M * N * 4
-    return _row("binary_gemm", (M, K, N), ours, fp32, isa, threads, M * N * K, moved, "binary", False,
-                unit="G binMAC/s", note="includes packing the fp32 activations")
+    ours, fp32 = paired_median_ms(ours_fn, lambda: torch.matmul(a, w_t), repeats)
+    moved = M * K * (4 if fp32_input else 1 / 8) + N * -(-K // 64) * 8 + M * N * 4
+    name = "binary_gemm_fp32_input" if fp32_input else "binary_gemm"
+    return _row(name, (M, K, N), ours, fp32, isa, threads, M * N * K, moved, "binary", False, unit="G binMAC/s",
+                activations="fp32, binarized and packed inside the timing" if fp32_input else "packed bits")
 
 
 def bench_binary_conv(N, C, H, W, O, kh, kw, threads, isa, repeats):
@@ -118,7 +142,7 @@ def bench_binary_conv(N, C, H, W, O, kh, kw, threads, isa, repeats):
     ours_fn = lambda: torch.ops.qtool.binary_conv2d(x, w_bits, C, [kh, kw], [1, 1], [1, 1], [1, 1], scale)  # noqa: E731
     signs = torch.where(weight >= 0, 1.0, -1.0)
     assert torch.equal(ours_fn(), F.conv2d(torch.where(x >= 0, 1.0, -1.0), signs, padding=1) * scale.view(1, -1, 1, 1))
-    ours, fp32 = median_ms(ours_fn, repeats), median_ms(lambda: F.conv2d(x, weight, padding=1), repeats)
+    ours, fp32 = paired_median_ms(ours_fn, lambda: F.conv2d(x, weight, padding=1), repeats)
     macs = N * H * W * O * C * kh * kw
     moved = x.numel() * 4 + O * -(-C * kh * kw // 64) * 8 + N * O * H * W * 4
     return _row("binary_conv2d", (N, C, H, W, O, kh, kw), ours, fp32, isa, threads, macs, moved, "binary", False,
@@ -150,11 +174,50 @@ def bench_lowbit_linear(M, K, N, bits, int8, threads, isa, repeats, group_size=N
 
     exact = torch.ops.qtool.lowbit_gemm(x, packed, scale, bits, K, group_size)
     torch.testing.assert_close(exact, x @ weights.T, rtol=1e-4, atol=1e-4 * float(exact.abs().max()))
-    ours, fp32 = median_ms(ours_fn, repeats), median_ms(fp32_fn, repeats)
+    ours, fp32 = paired_median_ms(ours_fn, fp32_fn, repeats)
     name = f"int{bits}_gemm" + ("_i8" if int8 else "") + (f"_g{group_size}" if group_size != K else "")
     moved = packed.numel() + scale.numel() * 4 + M * K * (5 if int8 else 4) + M * N * 4
     return _row(name, (M, K, N), ours, fp32, isa, threads, 2 * M * N * K, moved, "int8" if int8 else "fp32",
                 True, activations="int8 (dynamic per row)" if int8 else "fp32")
+
+
+# fp32 as an AVX2-only machine runs it: MKL and oneDNN limited to AVX2, in a child process
+# (the limits only take effect before the libraries initialise).
+AVX2_ENV = {"MKL_ENABLE_INSTRUCTIONS": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}
+_AVX2_CHILD = """
+import json, sys, torch
+import torch.nn.functional as F
+from qtool.lowbit.bench import median_ms
+cases, threads, repeats = json.loads(sys.argv[1])
+torch.set_num_threads(threads)
+out = []
+for kind, shape in cases:
+    g = torch.Generator().manual_seed(0)
+    if kind == "gemm":
+        M, K, N = shape
+        a, w_t = torch.randn(M, K, generator=g), torch.randn(K, N, generator=g)
+        out.append(median_ms(lambda: torch.matmul(a, w_t), repeats))
+    else:
+        n, c, h, w, o, kh, kw = shape
+        x, weight = torch.randn(n, c, h, w, generator=g), torch.randn(o, c, kh, kw, generator=g)
+        out.append(median_ms(lambda: F.conv2d(x, weight, padding=1), repeats))
+print(json.dumps(out))
+"""
+
+
+def avx2_fp32_ms(cases: list[tuple[str, list[int]]], threads: int, repeats: int) -> list[float | None]:
+    """fp32 times of ("gemm", [M, K, N]) / ("conv", [N, C, H, W, O, kh, kw]) cases on AVX2 only."""
+    import os
+    import subprocess
+    import sys
+
+    if not cases:
+        return []
+    result = subprocess.run([sys.executable, "-c", _AVX2_CHILD, json.dumps([cases, threads, repeats])],
+                            capture_output=True, text=True, env={**os.environ, **AVX2_ENV}, timeout=1800)
+    if result.returncode != 0:
+        return [None] * len(cases)
+    return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 # ---------------------------------------------------------------------------- end to end
@@ -213,15 +276,17 @@ def _plan(quick: bool, simd_isas: list[str]):
     if quick:
         return [
             ("binary_gemm", bench_binary_gemm, RESNET18_GEMMS[1], simd_isas),
+            ("binary_gemm_fp32_input", bench_binary_gemm, RESNET18_GEMMS[1], best, {"fp32_input": True}),
             ("binary_conv2d", bench_binary_conv, RESNET20_CONVS[0], best),
             ("int4_gemm", bench_lowbit_linear, (1, 4096, 4096, 4, False), best),
             ("int4_gemm_i8", bench_lowbit_linear, (1, 4096, 4096, 4, True), best),
             ("int4_gemm_i8", bench_lowbit_linear, (64, 4096, 4096, 4, True), best),
             ("e2e", bench_end_to_end, (1,), best),
         ]
-    plan = [("binary_gemm", bench_binary_gemm, s, simd_isas) for s in RESNET20_GEMMS + RESNET18_GEMMS]
-    plan += [("binary_gemm", bench_binary_gemm, (m, 4096, 4096), simd_isas) for m in LINEAR_BATCHES]
-    plan += [("binary_conv2d", bench_binary_conv, s, best) for s in RESNET20_CONVS + RESNET18_CONVS]
+    gemms = RESNET20_GEMMS + RESNET18_GEMMS + [(m, 4096, 4096) for m in LINEAR_BATCHES]
+    plan = [("binary_gemm", bench_binary_gemm, s, simd_isas) for s in gemms]
+    plan += [("binary_gemm_fp32_input", bench_binary_gemm, s, best, {"fp32_input": True}) for s in gemms]
+    plan += [("binary_conv2d", bench_binary_conv, s, simd_isas) for s in RESNET20_CONVS + RESNET18_CONVS]
     for m in LINEAR_BATCHES:
         for bits in (4, 3):
             plan.append((f"int{bits}_gemm", bench_lowbit_linear, (m, 4096, 4096, bits, False), best))
@@ -251,6 +316,12 @@ def run_kernel_benchmarks(threads: list[int], quick: bool, json_path: str | None
                     ops.set_isa(isa)
                     with torch.no_grad():
                         row = fn(*args, threads=t, isa=isa, repeats=repeats, **kwargs)
+                    if isa == "avx2" and row["name"] in ("binary_gemm", "binary_conv2d"):
+                        kind = "gemm" if row["name"] == "binary_gemm" else "conv"
+                        (avx2_ms,) = avx2_fp32_ms([(kind, row["shape"])], t, repeats)
+                        if avx2_ms:
+                            row["fp32_avx2_ms"] = round(avx2_ms, 4)
+                            row["speedup_vs_avx2_fp32"] = round(avx2_ms / row["ours_ms"], 2)
                     rows.append(row)
                     if progress:
                         progress(row)
@@ -260,7 +331,8 @@ def run_kernel_benchmarks(threads: list[int], quick: bool, json_path: str | None
     result = {"kernels": rows, "machine": {"torch": torch.__version__, "supported_isas": ops.supported_isas(),
                                            "roofline": {"peak_per_core": PEAK_PER_CORE, "dram_gbps": DRAM_GBPS,
                                                         "cache_gbps": CACHE_GBPS}},
-              "method": "median of repeated runs after warm-up, same process and threads; linears rotate "
+              "method": "medians of alternating runs (ours, fp32, ...) after warm-up, same process and threads; "
+                        "linears rotate "
                         f"weights over > {ROTATE_BYTES >> 20} MiB"}
     if json_path:
         with open(json_path, "w") as f:
@@ -269,10 +341,15 @@ def run_kernel_benchmarks(threads: list[int], quick: bool, json_path: str | None
 
 
 def format_row(row: dict) -> str:
-    return (f"{row['name']:<22} {str(row['shape']):<28} t={row['threads']} {row['isa']:<7} "
-            f"ours {row['ours_ms']:9.3f} ms  fp32 {row['fp32_ms']:9.3f} ms  x{row['speedup']:<6} "
-            + (f"{row['gops']:8.1f} {row['unit']:<10} {row['gbps']:7.2f} GB/s  roof {row['roofline_fraction']:.2f}"
-               if "gops" in row else f"max|diff| {row['max_abs_diff']:.2e}  top-1 agree {row['top1_agreement']}"))
+    text = (f"{row['name']:<24} {str(row['shape']):<28} t={row['threads']} {row['isa']:<7} "
+            f"ours {row['ours_ms']:9.3f} ms  fp32 {row['fp32_ms']:9.3f} ms  x{row['speedup']:<6} ")
+    if "gops" in row:
+        text += f"{row['gops']:8.1f} {row['unit']:<10} {row['gbps']:7.2f} GB/s  roof {row['roofline_fraction']:.2f}"
+    else:
+        text += f"max|diff| {row['max_abs_diff']:.2e}  top-1 agree {row['top1_agreement']}"
+    if "speedup_vs_avx2_fp32" in row:
+        text += f"  (fp32 on AVX2 {row['fp32_avx2_ms']:.3f} ms: x{row['speedup_vs_avx2_fp32']})"
+    return text
 
 
 def main(argv: list[str] | None = None) -> None:
