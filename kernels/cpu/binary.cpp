@@ -104,6 +104,20 @@ void pack_sign_rows_impl(const float* x, int64_t rows, int64_t K, int64_t ldx, u
   }
 }
 
+// Popcount of (a ^ w) over all but the last word, 8 words per vector.
+inline int64_t xor_popcount_body(const uint64_t* a, const uint64_t* w, int64_t words) {
+  __m512i acc = _mm512_setzero_si512();
+  int64_t k = 0;
+  for (; k + 8 <= words; k += 8)
+    acc = _mm512_add_epi64(acc, _mm512_popcnt_epi64(_mm512_xor_si512(_mm512_loadu_si512(a + k), _mm512_loadu_si512(w + k))));
+  if (k < words) {
+    const __mmask8 m = static_cast<__mmask8>((1u << (words - k)) - 1);
+    acc = _mm512_add_epi64(acc, _mm512_popcnt_epi64(_mm512_xor_si512(_mm512_maskz_loadu_epi64(m, a + k),
+                                                                       _mm512_maskz_loadu_epi64(m, w + k))));
+  }
+  return _mm512_reduce_add_epi64(acc);
+}
+
 // 16 pixels per step: one 16-float load per channel, its sign mask ORed into the channel's bit
 // of 16 words (two vectors of 8).
 void pack_sign_planes_impl(const float* x, int64_t C, int64_t plane_stride, int64_t pixels, uint64_t* out,
@@ -226,6 +240,30 @@ void pack_sign_rows_impl(const float* x, int64_t rows, int64_t K, int64_t ldx, u
   }
 }
 
+// Popcount of (a ^ w) over `words` words: nibble lookups, 4 words per vector.
+inline int64_t xor_popcount_body(const uint64_t* a, const uint64_t* w, int64_t words) {
+  const __m256i lut = _mm256_setr_epi8(0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4,
+                                       0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4);
+  const __m256i nib = _mm256_set1_epi8(0x0F);
+  __m256i total = _mm256_setzero_si256();
+  int64_t k = 0;
+  while (k + 4 <= words) {
+    __m256i bytes = _mm256_setzero_si256();
+    for (int i = 0; i < 31 && k + 4 <= words; ++i, k += 4) {  // byte counts stay below 256
+      const __m256i x = _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(a + k)),
+                                         _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + k)));
+      bytes = _mm256_add_epi8(bytes, _mm256_shuffle_epi8(lut, _mm256_and_si256(x, nib)));
+      bytes = _mm256_add_epi8(bytes, _mm256_shuffle_epi8(lut, _mm256_and_si256(_mm256_srli_epi16(x, 4), nib)));
+    }
+    total = _mm256_add_epi64(total, _mm256_sad_epu8(bytes, _mm256_setzero_si256()));
+  }
+  alignas(32) int64_t lanes[4];
+  _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), total);
+  int64_t pc = lanes[0] + lanes[1] + lanes[2] + lanes[3];
+  for (; k < words; ++k) pc += _mm_popcnt_u64(a[k] ^ w[k]);
+  return pc;
+}
+
 // 4 pixels per step: each channel's compare mask, widened to 64-bit lanes, selects its bit.
 void pack_sign_planes_impl(const float* x, int64_t C, int64_t plane_stride, int64_t pixels, uint64_t* out,
                            int64_t Cw) {
@@ -275,6 +313,12 @@ void pack_sign_rows_impl(const float* x, int64_t rows, int64_t K, int64_t ldx, u
       out[i * ldw + k / 64] |= static_cast<uint64_t>(x[i * ldx + k] >= 0.0f) << (k % 64);
   }
 }
+inline int64_t xor_popcount_body(const uint64_t* a, const uint64_t* w, int64_t words) {
+  int64_t pc = 0;
+  for (int64_t k = 0; k < words; ++k) pc += __builtin_popcountll(a[k] ^ w[k]);
+  return pc;
+}
+
 void pack_sign_planes_impl(const float* x, int64_t C, int64_t plane_stride, int64_t pixels, uint64_t* out,
                            int64_t Cw) {
   for (int64_t p = 0; p < pixels * Cw; ++p) out[p] = 0;
@@ -291,6 +335,26 @@ void pack_sign_planes(const float* x, int64_t C, int64_t plane_stride, int64_t p
 }
 
 void binary_tile(const BinaryTileArgs& t) { binary_tile_impl(t); }
+
+void binary_rows(const uint64_t* a, int64_t M, const uint64_t* w, int64_t n0, int64_t n1, int64_t Kw, int64_t K,
+                 const float* scale, int64_t scale_stride, float* out, int64_t ldo) {
+  if (Kw == 0) {
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t n = n0; n < n1; ++n) out[m * ldo + n] = 0.0f;
+    return;
+  }
+  const int64_t tail_bits = K - 64 * (Kw - 1);
+  const uint64_t tail = tail_bits >= 64 ? ~0ULL : (1ULL << tail_bits) - 1;
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint64_t* wr = w + n * Kw;
+    const float s = scale ? scale[n * scale_stride] : 1.0f;
+    for (int64_t m = 0; m < M; ++m) {
+      const uint64_t* ar = a + m * Kw;
+      const int64_t pc = xor_popcount_body(ar, wr, Kw - 1) + __builtin_popcountll((ar[Kw - 1] ^ wr[Kw - 1]) & tail);
+      out[m * ldo + n] = static_cast<float>(K - 2 * pc) * s;
+    }
+  }
+}
 
 bool binary_wants_nibbles() {
 #if defined(QTOOL_ISA_AVX2)

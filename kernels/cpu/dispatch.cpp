@@ -14,6 +14,8 @@
   void pack_sign_planes(const float*, int64_t, int64_t, int64_t, uint64_t*, int64_t);           \
   void binary_tile(const BinaryTileArgs&);                                                      \
   bool binary_wants_nibbles();                                                                  \
+  void binary_rows(const uint64_t*, int64_t, const uint64_t*, int64_t, int64_t, int64_t, int64_t,    \
+                   const float*, int64_t, float*, int64_t);                                         \
   void quantize_rows_i8(const float*, int64_t, int64_t, int64_t, int8_t*, int64_t, float*);     \
   int lowbit_lanes();                                                                           \
   void lowbit_lane_sums(const LowbitArgs&, int64_t, int64_t);                                   \
@@ -25,7 +27,7 @@
 
 #define QTOOL_TABLE(NS)                                                                          \
   KernelTable {                                                                                  \
-    #NS, &NS::pack_sign_rows, &NS::pack_sign_planes, &NS::binary_tile, NS::binary_wants_nibbles(),            \
+    #NS, &NS::pack_sign_rows, &NS::pack_sign_planes, &NS::binary_tile, NS::binary_wants_nibbles(), &NS::binary_rows, \
         &NS::quantize_rows_i8, NS::lowbit_lanes(),       \
         &NS::lowbit_lane_sums, &NS::lowbit_i8, &NS::lowbit_f32                                   \
   }

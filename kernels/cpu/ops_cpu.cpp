@@ -23,6 +23,11 @@ namespace {
 
 using at::Tensor;
 
+// binary_gemm with few activation rows reads the row-major weights directly (popcounts along K):
+// transposing them into panels would cost as much as the product. From 8 rows on, panels win
+// (no per-output horizontal sums, no partly filled vectors at the end of K).
+bool binary_by_rows(int64_t M) { return M < 8; }
+
 Tensor pack_codes(const Tensor& codes, int bits) {
   checks::codes(codes, bits);
   const Tensor c = codes.to(at::kChar).contiguous();
@@ -206,6 +211,16 @@ Tensor binary_gemm(const Tensor& a, const Tensor& w, int64_t K, const std::optio
   Tensor out = at::empty({M, N}, ac.options().dtype(at::kFloat));
   if (M == 0 || N == 0) return out;
   const auto& kt = cpu::kernels();
+  if (binary_by_rows(M)) {
+    const uint64_t* src = reinterpret_cast<const uint64_t*>(ac.data_ptr<int64_t>());
+    const uint64_t* wsrc = reinterpret_cast<const uint64_t*>(wc.data_ptr<int64_t>());
+    const float* s = scale.has_value() ? scale->data_ptr<float>() : nullptr;
+    float* dst = out.data_ptr<float>();
+    at::parallel_for(0, N, std::max<int64_t>(1, 16384 / std::max<int64_t>(Kw * M, 1)), [&](int64_t b, int64_t e) {
+      kt.binary_rows(src, M, wsrc, b, e, Kw, K, s, scale_stride, dst, N);
+    });
+    return out;
+  }
   const Tensor panels = binary_panels(wc, K);
   const Tensor nibbles = nibble_panels(kt, panels, N, Kw);
   BinaryTileArgs base = binary_args(panels, N, K, scale, scale_stride, out.data_ptr<float>(), N);

@@ -100,6 +100,11 @@ struct KernelTable {
                            int64_t Cw);
   void (*binary_tile)(const BinaryTileArgs& t);
   bool binary_wants_nibbles;  // fill BinaryTileArgs::panel_nibbles and scratch
+  // Few activation rows: popcounts vectorised along K on the row-major weights [N][Kw], for
+  // weight rows [n0, n1) (no panel transposition, which would cost as much as the product).
+  // Bits past K are ignored on both sides.
+  void (*binary_rows)(const uint64_t* a, int64_t M, const uint64_t* w, int64_t n0, int64_t n1, int64_t Kw, int64_t K,
+                      const float* scale, int64_t scale_stride, float* out, int64_t ldo);
   // Per-row symmetric int8: scale = max|x| / 127 (1 for an all-zero row), q = round(x / scale).
   void (*quantize_rows_i8)(const float* x, int64_t rows, int64_t K, int64_t ldx, int8_t* q,
                            int64_t ldq, float* scale);

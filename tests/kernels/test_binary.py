@@ -13,8 +13,9 @@ def signs(t: torch.Tensor) -> torch.Tensor:
     return torch.where(t >= 0, 1.0, -1.0)
 
 
-@pytest.mark.parametrize("M,N,K", [(1, 1, 1), (1, 8, 64), (2, 9, 65), (7, 16, 144), (13, 17, 577), (50, 33, 130),
-                                   (97, 40, 1000)])
+# Fewer than 8 rows read the weights row by row; the others go through weight panels.
+@pytest.mark.parametrize("M,N,K", [(1, 1, 1), (1, 8, 64), (2, 9, 65), (7, 16, 144), (1, 5, 4100), (13, 17, 577),
+                                   (50, 33, 130), (8, 9, 1023), (97, 40, 1000), (20, 24, 1024), (9, 3, 1601)])
 def test_binary_gemm_is_exact(isa, M, N, K):
     g = torch.Generator().manual_seed(M * K)
     a, w = torch.randn(M, K, generator=g), torch.randn(N, K, generator=g)
@@ -27,14 +28,14 @@ def test_binary_gemm_is_exact(isa, M, N, K):
     assert torch.equal(torch.ops.qtool.binary_gemm(a_bits, w_bits, K, one), dot.float() * 0.25)
 
 
-def test_binary_gemm_ignores_bits_past_k(isa):
-    # Garbage in the unused high bits of the last word must not count.
-    K = 70
-    a = torch.ops.qtool.pack_binary(torch.randn(3, K))
+@pytest.mark.parametrize("M,K", [(3, 70), (20, 70), (20, 1090)])
+def test_binary_gemm_ignores_bits_past_k(isa, M, K):
+    # Garbage in the unused high bits of the last word must not count (row and panel paths).
+    a = torch.ops.qtool.pack_binary(torch.randn(M, K))
     w = torch.ops.qtool.pack_binary(torch.randn(5, K))
     dirty_a, dirty_w = a.clone(), w.clone()
-    dirty_a[:, 1] |= -(1 << 20)
-    dirty_w[:, 1] ^= 1 << 40
+    dirty_a[:, -1] |= -(1 << 20)
+    dirty_w[:, -1] ^= 1 << 40
     assert torch.equal(torch.ops.qtool.binary_gemm(dirty_a, dirty_w, K), torch.ops.qtool.binary_gemm(a, w, K))
 
 
