@@ -352,12 +352,33 @@ def format_row(row: dict) -> str:
     return text
 
 
+def markdown_table(result: dict) -> str:
+    """The rows of a ``run_kernel_benchmarks`` result as a Markdown table."""
+    lines = ["| kernel | shape | threads | ISA | ours ms | fp32 ms | speedup | throughput | GB/s | roofline | "
+             "fp32 on AVX2 only |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in result["kernels"]:
+        if "gops" in r:
+            throughput, gbps, roof = f"{r['gops']} {r['unit']}", f"{r['gbps']}", f"{r['roofline_fraction']:.2f}"
+        else:
+            throughput, gbps, roof = f"max diff {r['max_abs_diff']:.1e}", "", ""
+        avx2 = f"{r['fp32_avx2_ms']} ms (x{r['speedup_vs_avx2_fp32']})" if "fp32_avx2_ms" in r else ""
+        lines.append(f"| {r['name']} | {r['shape']} | {r['threads']} | {r['isa']} | {r['ours_ms']} | {r['fp32_ms']} | "
+                     f"**{r['speedup']}x** | {throughput} | {gbps} | {roof} | {avx2} |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Benchmark the qtool low-bit kernels against fp32 PyTorch.")
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--quick", action="store_true", help="a few representative shapes (well under a minute)")
     parser.add_argument("--json", dest="json_path", help="write the results as JSON")
+    parser.add_argument("--markdown", metavar="JSON", help="print the rows of an earlier --json run as a table")
     args = parser.parse_args(argv)
+    if args.markdown:
+        with open(args.markdown) as f:
+            print(markdown_table(json.load(f)))
+        return
     print(f"backend {ops.backend()}, ISAs {ops.supported_isas()}, torch {torch.__version__}")
     run_kernel_benchmarks(args.threads, args.quick, args.json_path, progress=lambda r: print(format_row(r), flush=True))
 
