@@ -130,6 +130,23 @@ def eval_command(checkpoint, data, target_domain, json_path, threads):
     print_eval_summary(report)
 
 
+@cli.command("build-kernels", context_settings=CONTEXT)
+@click.option("--verbose", "-v", is_flag=True, help="Show the compiler's output.")
+def build_kernels_command(verbose):
+    """Compile the low-bit kernels and the fused fake-quant op into the cache now (otherwise
+    the first use compiles them)."""
+    from qtool.lowbit.build import build_kernels
+    from qtool.quant.fake_quant import _fused
+
+    try:
+        path = build_kernels(verbose=verbose)
+    except Exception as exc:  # noqa: BLE001 - a compiler failure is reported, not a traceback
+        raise QtoolError(f"kernel build failed: {str(exc).strip().splitlines()[0][:300]}") from None
+    click.echo(f"low-bit kernels: {path}")
+    fused = _fused()
+    click.echo(f"fused fake-quant: {'built' if fused is not None else 'unavailable (PyTorch reference in use)'}")
+
+
 def _set_threads(threads: int | None) -> None:
     if threads is None:
         return
