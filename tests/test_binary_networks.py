@@ -63,9 +63,9 @@ def test_ste_gradient_is_the_clipped_identity():
 def test_sign_maps_zero_to_plus_one_in_the_forward_of_every_path():
     z = torch.tensor([0.0, -0.0, 1e-30, -1e-30, 2.0, -2.0])
     expected = torch.tensor([1.0, 1.0, 1.0, -1.0, 1.0, -1.0])
-    assert torch.equal(binary_sign(z), expected)
-    assert torch.equal(BinaryEstimator("reste")(z), expected)
-    assert torch.equal(BinaryEstimator("ste")(z.double()), expected.double())  # reference (float64) path
+    assert torch.equal(binary_sign(z), expected)  # inference path
+    assert torch.equal(BinaryEstimator("reste")(z.clone().requires_grad_()), expected)  # training (fused) path
+    assert torch.equal(BinaryEstimator("ste")(z.double().requires_grad_()), expected.double())  # float64 reference
 
 
 @pytest.mark.skipif(binary._fused() is None, reason="C++ extension not available")

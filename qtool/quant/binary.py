@@ -104,6 +104,8 @@ class BinaryEstimator:
             raise QtoolError(f"ReSTE's o must be at least 1, got {self.o}")
 
     def __call__(self, z: torch.Tensor) -> torch.Tensor:
+        if not (torch.is_grad_enabled() and z.requires_grad):
+            return binary_sign(z)  # inference and export: plain torch ops that trace to ONNX
         if self.kind == "ste":  # ReSTE at o = 1 with the clip at 1 is exactly the STE
             return _BinarySign.apply(z, 1.0, STE_CLIP, self.m)
         return _BinarySign.apply(z, float(self.o), float(self.t), float(self.m))
