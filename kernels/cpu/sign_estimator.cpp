@@ -8,6 +8,8 @@
 //           STE is the special case o = 1, t = 1 (d = 1 on |z| <= 1), which skips the power.
 // Element-wise, so any memory layout works as long as z and g share it. The pure-PyTorch
 // reference in qtool/quant/binary.py computes the same numbers; tests hold the two together.
+// Built with -ffast-math so that exp/log in the power vectorize (glibc libmvec); nothing here
+// depends on NaN/inf semantics, and -0 still binarizes to +1 (the comparison is z >= 0).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <cmath>
