@@ -45,6 +45,10 @@ def validate(options: QuantizeOptions) -> None:
         raise QtoolError(f"method {options.method!r} trains binary networks: use --bits 1")
     if options.bits == 1 and not method.binary:
         raise QtoolError(f"--bits 1 needs a binary estimator: --method {' or '.join(n for n in names if get_method(n).binary) or 'ste/reste'}")
+    if options.bits == 1:
+        from qtool.quant.binary import check_binary_request
+
+        check_binary_request(options.model, method.options, options.method_options)
     if options.pretrain_method not in ("plain", "sam", "gsam", "sagm"):
         raise QtoolError(f"--pretrain-method must be plain, sam, gsam or sagm, got {options.pretrain_method!r}")
     if options.first_last_bits not in (None, 2, 3, 4, 8):
@@ -153,7 +157,7 @@ def quantize(options: QuantizeOptions, progress: Callable[[dict], None] = lambda
     elif options.bits == 1:
         from qtool.quant.binary import prepare_binary  # lands with the binary-network work
 
-        qmodel = prepare_binary(model, **method.options, **options.method_options)
+        qmodel = prepare_binary(model, **{**method.options, **options.method_options})
     else:
         qmodel = prepare(model, options.bits, act_bits, options.first_last_bits, inplace=True)
 

@@ -12,11 +12,7 @@
 #include <cmath>
 #include <vector>
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define QTOOL_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define QTOOL_CLONES
-#endif
+#include "target_clones.h"
 
 namespace {
 

@@ -13,7 +13,7 @@ from torch import nn
 
 from qtool.quant.layers import QuantConv2d, QuantLinear, QuantizedLayer
 
-Plan = dict[str, dict[str, int]]  # layer name -> {"bits": w, "act_bits": a}
+Plan = dict[str, dict]  # layer name -> {"bits": w, "act_bits": a} (LSQ) or {"kind": ...} (qtool.quant.binary)
 
 
 def quantizable_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -50,12 +50,22 @@ def make_plan(
 
 
 def apply_plan(model: nn.Module, plan: Plan) -> nn.Module:
-    """Replace, in place, every layer named in ``plan`` by its quantized version."""
+    """Replace, in place, every layer named in ``plan`` by its quantized version.
+
+    An entry with a ``kind`` (binary convs and the block rewiring binary networks need) is
+    built by ``qtool.quant.binary``; every other entry is an LSQ layer."""
     modules = dict(model.named_modules())
     for name, spec in plan.items():
         layer = modules.get(name)
         if layer is None:
             raise ValueError(f"layer {name!r} of the quantization plan is not in the model")
+        if "kind" in spec:
+            from qtool.quant.binary import build_plan_entry  # imported here: binary imports this module
+
+            replacement = build_plan_entry(layer, spec)
+            replacement.train(layer.training)
+            _set_submodule(model, name, replacement)
+            continue
         if isinstance(layer, QuantizedLayer):
             continue
         if isinstance(layer, nn.Conv2d):

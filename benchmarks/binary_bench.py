@@ -1,0 +1,163 @@
+"""Binary resnet20 on digits_dg: ReSTE vs STE accuracy, and binary vs full-precision step time.
+
+    # accuracy: (a) all domains as sources (in-distribution), (b) leave-one-domain-out on one
+    # target; 3 seeds; ReSTE and STE start from the same cached FP model and train the same steps
+    flock /tmp/qtool-heavy.lock python benchmarks/binary_bench.py accuracy --out runs/binary-bench
+    # training step time, ReSTE binary vs FP resnet20, interleaved in one process
+    flock /tmp/qtool-heavy.lock python benchmarks/binary_bench.py steptime --threads 1 --json runs/binary-bench/steptime.json
+
+``accuracy`` runs ``qtool quantize`` commands (printed, resumable: a run whose report.json exists
+is skipped), ``--workers`` at a time with ``--threads 1`` each, then prints mean +- std tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+DATA = "/work/shared/data/digits_dg.npz"
+METHODS = ("reste", "ste")
+
+
+def quantize_command(args, setting: str, method: str, seed: int) -> list[str]:
+    out = Path(args.out) / setting / f"{method}-seed{seed}"
+    command = ["qtool", "quantize", "resnet20", "--data", args.data, "--bits", "1", "--method", method,
+               "--epochs", str(args.epochs), "--pretrain-epochs", str(args.pretrain_epochs), "--pretrain-method", "plain",
+               "--lr", str(args.lr), "--seed", str(seed), "--evals", str(args.evals), "--threads", "1",
+               "--cache-dir", str(Path(args.out) / "cache"), "--out", str(out)]
+    if setting != "in-distribution":
+        command[4:4] = ["--target-domain", setting.removeprefix("target-")]
+    return command
+
+
+def run_chain(commands: list[list[str]]) -> None:
+    """One (setting, seed): ReSTE first (it pre-trains and caches the FP model), then STE reuses it."""
+    for command in commands:
+        out = Path(command[command.index("--out") + 1])
+        if (out / "report.json").exists():
+            print(f"skip (done): {' '.join(command)}", flush=True)
+            continue
+        out.mkdir(parents=True, exist_ok=True)
+        print(f"run: {' '.join(command)}", flush=True)
+        start = time.perf_counter()
+        with open(out / "log.txt", "w") as log:
+            result = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT)
+        print(f"  exit {result.returncode} after {time.perf_counter() - start:.0f} s: {out}", flush=True)
+
+
+def accuracy(args) -> None:
+    settings = ["in-distribution", f"target-{args.target}"]
+    chains = [[quantize_command(args, setting, method, seed) for method in METHODS]
+              for seed in args.seeds for setting in settings]
+    with ThreadPoolExecutor(args.workers) as pool:
+        list(pool.map(run_chain, chains))
+    summary = summarize(Path(args.out), settings, args.seeds)
+    (Path(args.out) / "summary.json").write_text(json.dumps(summary, indent=2))
+    print_summary(summary)
+
+
+def _mean_std(values: list[float]) -> dict:
+    return {"mean": statistics.mean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "values": values}
+
+
+def summarize(root: Path, settings: list[str], seeds: list[int]) -> dict:
+    """Per setting and method: the headline accuracy (target domain, or the mean over all
+    domains' validation parts in-distribution) over seeds, plus the per-seed ReSTE - STE gap."""
+    summary = {}
+    for setting in settings:
+        rows, fp = {}, []
+        for method in METHODS:
+            reports = [json.loads((root / setting / f"{method}-seed{seed}" / "report.json").read_text()) for seed in seeds]
+            key = "target_accuracy" if reports[0]["target_domain"] else "source_val_accuracy"
+            rows[method] = {
+                "accuracy": _mean_std([r[key] for r in reports]),
+                "source_val_accuracy": _mean_std([r["source_val_accuracy"] for r in reports]),
+                "steps": reports[0]["steps"], "seconds": _mean_std([r["seconds"] for r in reports]),
+                "final_o": reports[0]["estimator"]["o"][-1],
+            }
+            fp = [r["full_precision"][key] for r in reports]
+        gap = [a - b for a, b in zip(rows["reste"]["accuracy"]["values"], rows["ste"]["accuracy"]["values"])]
+        summary[setting] = {"metric": key, "full_precision": _mean_std(fp), **rows, "reste_minus_ste": _mean_std(gap)}
+    return summary
+
+
+def print_summary(summary: dict) -> None:
+    pct = lambda s: f"{100 * s['mean']:.2f} ± {100 * s['std']:.2f}"  # noqa: E731
+    print("| setting | metric | FP start | STE | ReSTE | ReSTE − STE (paired) |")
+    print("|---|---|---|---|---|---|")
+    for setting, row in summary.items():
+        print(f"| {setting} | {row['metric']} | {pct(row['full_precision'])} | {pct(row['ste']['accuracy'])} | "
+              f"{pct(row['reste']['accuracy'])} | {pct(row['reste_minus_ste'])} |")
+
+
+def steptime(args) -> None:
+    """Median seconds per training step (forward, backward, Adam) of resnet20 in full precision
+    and as a binary ReSTE network (o = 2, so the power-function backward runs), interleaved."""
+    import torch
+    import torch.nn.functional as F
+
+    from qtool.models import build_model
+    from qtool.quant.binary import binary_layers, prepare_binary
+    from qtool.train.optim import build_optimizer
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    fp = build_model("resnet20")
+    models = {"fp32": fp, "binary_reste": prepare_binary(fp), "binary_ste": prepare_binary(fp, estimator="ste")}
+    for _, layer in binary_layers(models["binary_reste"]):
+        layer.estimator.o = 2.0
+    images = torch.randn(args.batch, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    labels = torch.randint(0, 10, (args.batch,))
+    steps = {}
+    for name, model in models.items():
+        model.to(memory_format=torch.channels_last).train()
+        optimizer = build_optimizer("plain", torch.optim.Adam(model.parameters(), lr=1e-4))
+        loss_fn = lambda perturbed, model=model: (F.cross_entropy(logits := model(images), labels), logits)  # noqa: E731
+        steps[name] = lambda optimizer=optimizer, loss_fn=loss_fn: optimizer.step(loss_fn)
+    times = {name: [] for name in models}
+    for repeat in range(args.repeats + 2):  # two warm-up rounds
+        for name, step in steps.items():
+            start = time.perf_counter()
+            step()
+            if repeat >= 2:
+                times[name].append(time.perf_counter() - start)
+    result = {"threads": args.threads, "batch": args.batch, "repeats": args.repeats,
+              "median_s": {name: statistics.median(values) for name, values in times.items()}}
+    result["ratio_vs_fp32"] = {name: value / result["median_s"]["fp32"] for name, value in result["median_s"].items()}
+    print(json.dumps(result, indent=2))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=2))
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    run = commands.add_parser("accuracy", help="ReSTE vs STE accuracy over seeds")
+    run.add_argument("--out", default="runs/binary-bench")
+    run.add_argument("--data", default=DATA)
+    run.add_argument("--target", default="mnist_m", help="held-out domain of the leave-one-domain-out setting")
+    run.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    run.add_argument("--epochs", type=float, default=4)
+    run.add_argument("--pretrain-epochs", type=float, default=3)
+    run.add_argument("--lr", type=float, default=3e-3)
+    run.add_argument("--evals", type=int, default=4)
+    run.add_argument("--workers", type=int, default=2)
+    timing = commands.add_parser("steptime", help="binary vs FP training step time")
+    timing.add_argument("--threads", type=int, default=1)
+    timing.add_argument("--batch", type=int, default=128)
+    timing.add_argument("--repeats", type=int, default=15)
+    timing.add_argument("--json", default=None)
+    args = parser.parse_args(argv)
+    {"accuracy": accuracy, "steptime": steptime}[args.command](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
