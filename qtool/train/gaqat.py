@@ -114,6 +114,7 @@ class GAQAT:
         self.quantizers: list[str] = list(dict.fromkeys(s.quantizer for s in scales))
         position = {name: i for i, name in enumerate(self.quantizers)}
         self.members = [position[s.quantizer] for s in scales]  # scale -> its quantizer
+        self._members = torch.tensor(self.members)
         self.scales = [s.parameter for s in scales]
         self._index: list[int] | None = None  # scale -> position in the optimizer's params
 
@@ -153,7 +154,7 @@ class GAQAT:
     def _per_quantizer(self, tensors: list[torch.Tensor]) -> torch.Tensor:
         totals = torch.zeros(len(self.quantizers), dtype=torch.float64)
         sums = torch.stack([t.sum(dtype=torch.float64) for t in tensors])
-        return totals.index_add_(0, torch.tensor(self.members), sums)
+        return totals.index_add_(0, self._members, sums)
 
     def _window(self, signs: torch.Tensor) -> torch.Tensor:
         """The recorded rows, oldest first."""
@@ -183,8 +184,9 @@ class GAQAT:
         """Replace SAGM's direction ``task_part + smooth_part`` of the frozen quantizers' scales by
         the part that is kept (computed from g and g_p directly, so nothing is lost to cancellation)."""
         freeze, gap = self.config.freeze, self.config.smooth == "gap"
+        frozen = self.frozen.tolist()
         for scale, position in enumerate(index):
-            if not self.frozen[self.members[scale]]:
+            if not frozen[self.members[scale]]:
                 continue
             g, g_p = grads.grad[position], grads.perturbed_grad[position]
             if freeze == "task":
