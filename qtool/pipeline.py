@@ -43,6 +43,8 @@ def validate(options: QuantizeOptions) -> None:
     method = get_method(options.method)
     if method.binary and options.bits != 1:
         raise QtoolError(f"method {options.method!r} trains binary networks: use --bits 1")
+    if method.check_options is not None:
+        method.check_options({**method.options, **options.method_options})
     if options.bits == 1 and not method.binary:
         raise QtoolError(f"--bits 1 needs a binary estimator: --method {' or '.join(n for n in names if get_method(n).binary) or 'ste/reste'}")
     if options.bits == 1:

@@ -13,6 +13,8 @@ from typing import Callable
 # setup(model, trainer, options) -> list of callbacks; runs after the trainer (and so the
 # optimizer) exists, so it can attach hooks to the optimizer.
 Setup = Callable[..., list]
+# check_options(options) raises QtoolError for a bad -O KEY=VALUE before any training starts.
+CheckOptions = Callable[[dict], None]
 
 
 @dataclass
@@ -23,6 +25,7 @@ class Method:
     binary: bool = False  # only valid with --bits 1
     setup: Setup | None = None
     options: dict = field(default_factory=dict)
+    check_options: CheckOptions | None = None
 
 
 METHODS: dict[str, Method] = {}

@@ -1,0 +1,296 @@
+"""GAQAT against direct DG-QAT on digits_dg: the leave-one-domain-out grid, paired differences,
+and GAQAT's step-time overhead over SAGM.
+
+    # the full grid (3 targets x 3 seeds; W4A4 and W3A3 x lsq/sagm/gaqat; FP SAGM), then the
+    # overhead measurement and the summary tables; resumable (a run whose report.json exists is skipped)
+    flock /tmp/qtool-heavy.lock python benchmarks/gaqat_grid.py --out runs/gaqat-grid
+    # an ablation variant of GAQAT on the same grid (lsq/sagm/FP runs are reused from --out)
+    flock /tmp/qtool-heavy.lock python benchmarks/gaqat_grid.py --out runs/gaqat-grid --methods gaqat \\
+        --variant smooth-frozen:freeze=smooth --bits 3 --no-overhead
+    # CI-sized smoke run (one target, one seed, W4A4, a few steps)
+    python benchmarks/gaqat_grid.py --quick --out runs/gaqat-quick
+
+Every (target, seed) pair starts all its runs from one cached full-precision SAGM model (the
+first job of the pair pre-trains it; the pipeline's cache serves the others) and every run of
+the pair sees the same batches, so ``gaqat - sagm`` per pair cancels most seed noise.
+Runs are ``qtool quantize`` commands, ``--workers`` at a time with ``--threads 1`` each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from pathlib import Path
+
+DATA = "/work/shared/data/digits_dg.npz"
+TARGETS = ("mnist", "mnist_m", "syn")
+FP = "fp32-sagm"  # full precision, SAGM, the same QAT steps: also pre-trains the pair's FP model
+
+
+@dataclass
+class Job:
+    target: str
+    seed: int
+    name: str  # fp32-sagm, w4-sagm, w3-gaqat, w4-gaqat-<variant>, ...
+    bits: int
+    method: str
+    options: list[str] = field(default_factory=list)  # -O KEY=VALUE
+
+    def out(self, root: Path) -> Path:
+        return root / self.target / f"seed{self.seed}" / self.name
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", default="runs/gaqat-grid")
+    parser.add_argument("--data", default=DATA)
+    parser.add_argument("--cache-dir", default=None, help="FP pre-training cache (default OUT/cache)")
+    parser.add_argument("--targets", nargs="+", default=list(TARGETS))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--bits", nargs="+", type=int, default=[4, 3])
+    parser.add_argument("--methods", nargs="+", default=["lsq", "sagm", "gaqat"])
+    parser.add_argument("--variant", action="append", default=[], metavar="NAME:K=V,K=V",
+                        help="a GAQAT variant run as method gaqat-NAME with these -O options (repeatable)")
+    parser.add_argument("--steps", type=int, default=60, help="QAT (and FP-same-steps) steps per run")
+    parser.add_argument("--pretrain-epochs", type=float, default=1.5)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--lr", type=float, default=None, help="QAT learning rate (default: qtool's)")
+    parser.add_argument("--evals", type=int, default=2)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--no-overhead", action="store_true", help="skip the step-time measurement")
+    parser.add_argument("--overhead-steps", type=int, default=12, help="timed steps per method and repeat")
+    parser.add_argument("--overhead-repeats", type=int, default=5)
+    parser.add_argument("--gaqat-option", action="append", default=[], metavar="K=V",
+                        help="-O option for every GAQAT run, variants included (repeatable)")
+    parser.add_argument("--quick", action="store_true",
+                        help="CI-sized smoke run: 1 target, 1 seed, W4A4, 12 steps, GAQAT checks every 4 steps")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.targets, args.seeds, args.bits = ["mnist_m"], [0], [4]
+        args.steps, args.pretrain_epochs, args.batch_size, args.evals = 12, 0.05, 32, 1
+        args.overhead_steps, args.overhead_repeats = 3, 2
+        args.gaqat_option = ["window=4", "every=4", *args.gaqat_option]
+    return args
+
+
+def variants(args) -> dict[str, list[str]]:
+    """method name -> GAQAT -O options; ``gaqat`` itself runs with the defaults."""
+    found = {}
+    for spec in args.variant:
+        name, _, options = spec.partition(":")
+        found[f"gaqat-{name}"] = [item for item in options.split(",") if item]
+    return found
+
+
+def plan(args) -> tuple[list[Job], dict[tuple[str, int], list[Job]]]:
+    """The first job of each (target, seed) pre-trains; the rest wait for it."""
+    extra = variants(args)
+    methods = list(dict.fromkeys([*args.methods, *extra]))
+    firsts, rest = [], {}
+    for seed in args.seeds:
+        for target in args.targets:
+            pair = [Job(target, seed, FP, 32, "sagm")]  # skipped when its report exists
+            for bits in args.bits:
+                for method in methods:
+                    base = "gaqat" if method.startswith("gaqat") else method
+                    options = [*args.gaqat_option, *extra.get(method, [])] if base == "gaqat" else []
+                    pair.append(Job(target, seed, f"w{bits}-{method}", bits, base, options))
+            firsts.append(pair[0])
+            rest[(target, seed)] = pair[1:]
+    return firsts, rest
+
+
+def command(args, job: Job) -> list[str]:
+    root = Path(args.out)
+    cmd = [sys.executable, "-m", "qtool", "quantize", "resnet20", "--data", args.data, "--target-domain", job.target,
+           "--bits", str(job.bits), "--method", job.method, "--steps", str(args.steps),
+           "--pretrain-epochs", str(args.pretrain_epochs), "--batch-size", str(args.batch_size),
+           "--seed", str(job.seed), "--evals", str(args.evals), "--threads", "1",
+           "--cache-dir", args.cache_dir or str(root / "cache"), "--out", str(job.out(root))]
+    if args.lr is not None:
+        cmd += ["--lr", str(args.lr)]
+    for option in job.options:
+        cmd += ["-O", option]
+    return cmd
+
+
+def run_job(args, job: Job) -> float:
+    out = job.out(Path(args.out))
+    if (out / "report.json").exists():
+        return 0.0
+    out.mkdir(parents=True, exist_ok=True)
+    cmd = command(args, job)
+    start = time.perf_counter()
+    with open(out / "log.txt", "w") as log:
+        log.write(" ".join(cmd[1:]) + "\n")
+        log.flush()
+        result = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT)
+    seconds = time.perf_counter() - start
+    print(f"{'ok ' if result.returncode == 0 else f'FAILED ({result.returncode})'} {seconds:6.0f} s  {out}", flush=True)
+    return seconds
+
+
+def run_grid(args) -> float:
+    """All jobs, ``--workers`` at a time: pre-training jobs first, each pair's other jobs
+    become ready when its pre-training job is done."""
+    firsts, rest = plan(args)
+    start = time.perf_counter()
+    with ThreadPoolExecutor(args.workers) as pool:
+        pending: dict[Future, Job] = {pool.submit(run_job, args, job): job for job in firsts}
+        while pending:
+            done, _ = wait(pending, return_when=FIRST_COMPLETED)
+            for future in done:
+                job = pending.pop(future)
+                future.result()
+                for follower in rest.pop((job.target, job.seed), []):
+                    pending[pool.submit(run_job, args, follower)] = follower
+    return time.perf_counter() - start
+
+
+# -- step-time overhead ---------------------------------------------------------------------
+
+def measure_overhead(args) -> dict:
+    """SAGM and GAQAT training steps on the same W4A4 resnet20 and batch, interleaved: each repeat
+    times ``--overhead-steps`` steps without the GAQAT hook, then as many with it."""
+    import torch
+    import torch.nn.functional as F
+
+    from qtool.models import resnet20
+    from qtool.quant.prepare import prepare
+    from qtool.quant.scales import scale_parameters
+    from qtool.train.gaqat import GAQAT, GAQATConfig
+    from qtool.train.optim import SAGM
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    images = torch.randn(args.batch_size, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    labels = torch.randint(0, 10, (args.batch_size,))
+    model = prepare(resnet20(), 4, 4).to(memory_format=torch.channels_last)
+    model(images)  # initialise the step sizes
+    optimizer = SAGM(torch.optim.Adam(model.parameters(), lr=1e-5))
+    gaqat = GAQAT(scale_parameters(model), GAQATConfig())
+
+    def loss_fn(perturbed):
+        logits = model(images)
+        return F.cross_entropy(logits, labels), logits
+
+    def timed(hooks) -> float:
+        optimizer.hooks = hooks
+        start = time.perf_counter()
+        for _ in range(args.overhead_steps):
+            optimizer.step(loss_fn)
+        return (time.perf_counter() - start) / args.overhead_steps
+
+    timed([]), timed([gaqat])  # warm-up
+    sagm, with_gaqat = [], []
+    for _ in range(args.overhead_repeats):
+        sagm.append(timed([]))
+        with_gaqat.append(timed([gaqat]))
+    ratios = [g / s for g, s in zip(with_gaqat, sagm)]
+    return {"batch_size": args.batch_size, "threads": 1, "steps_per_repeat": args.overhead_steps,
+            "sagm_s": statistics.median(sagm), "gaqat_s": statistics.median(with_gaqat),
+            "ratio_median": statistics.median(ratios), "ratios": ratios}
+
+
+# -- summary --------------------------------------------------------------------------------
+
+def t_interval(values: list[float]) -> tuple[float, float, float]:
+    """Mean and 95% t-interval of ``values``."""
+    from scipy import stats
+
+    mean = statistics.fmean(values)
+    if len(values) < 2:
+        return mean, math.nan, math.nan
+    half = stats.t.ppf(0.975, len(values) - 1) * statistics.stdev(values) / math.sqrt(len(values))
+    return mean, mean - half, mean + half
+
+
+def mean_std(values: list[float]) -> str:
+    if not values:
+        return "-"
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.fmean(values):.2f} ± {std:.2f}"
+
+
+def collect(args) -> dict[str, dict[tuple[str, int], float]]:
+    """config -> (target, seed) -> target accuracy in %, for every finished run under --out."""
+    root = Path(args.out)
+    table: dict[str, dict[tuple[str, int], float]] = {}
+    for report_path in sorted(root.glob("*/seed*/*/report.json")):
+        report = json.loads(report_path.read_text())
+        key = (report["target_domain"], report["seed"])
+        name = report_path.parent.name
+        table.setdefault(name, {})[key] = 100 * report["target_accuracy"]
+        if name == FP:
+            table.setdefault("fp32-sagm-start", {})[key] = 100 * report["full_precision"]["target_accuracy"]
+        if "gaqat" in report:
+            table.setdefault(f"{name}:frozen", {})[key] = 100 * report["gaqat"]["frozen_fraction"]
+    return table
+
+
+def summarize(args, table, grid_seconds: float | None, overhead: dict | None) -> str:
+    targets, seeds = args.targets, args.seeds
+    lines = ["| run | " + " | ".join(targets) + " | mean over targets |", "|---" * (len(targets) + 2) + "|"]
+    order = ["fp32-sagm-start", FP] + sorted(n for n in table if n not in (FP, "fp32-sagm-start") and ":" not in n)
+    for name in order:
+        runs = table.get(name, {})
+        cells = [mean_std([runs[(t, s)] for s in seeds if (t, s) in runs]) for t in targets]
+        per_seed = [statistics.fmean(runs[(t, s)] for t in targets) for s in seeds if all((t, s) in runs for t in targets)]
+        label = {"fp32-sagm-start": "FP SAGM (pre-trained start)", FP: "FP SAGM + same steps"}.get(name, name)
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {mean_std(per_seed)} |")
+    lines += ["", "Paired differences in target accuracy (points), per (target, seed); mean and 95% t-interval:", "",
+              "| comparison | pairs | mean | 95% interval | per pair |", "|---|---|---|---|---|"]
+    for name in sorted(n for n in table if n.startswith("w") and "gaqat" in n and ":" not in n):
+        bits = name.split("-")[0]
+        for baseline in (f"{bits}-sagm", FP):
+            if baseline == FP and bits != "w4":
+                continue
+            common = [k for k in table[name] if k in table.get(baseline, {})]
+            if not common:
+                continue
+            diffs = [table[name][k] - table[baseline][k] for k in sorted(common)]
+            mean, low, high = t_interval(diffs)
+            lines.append(f"| {name} − {baseline} | {len(diffs)} | {mean:+.2f} | [{low:+.2f}, {high:+.2f}] | "
+                         + " ".join(f"{d:+.1f}" for d in diffs) + " |")
+    frozen = {n.split(":")[0]: statistics.fmean(v.values()) for n, v in table.items() if n.endswith(":frozen")}
+    if frozen:
+        lines += ["", "Mean share of quantizers frozen per check: "
+                  + ", ".join(f"{n} {v:.0f}%" for n, v in sorted(frozen.items()))]
+    if grid_seconds is not None:
+        lines += ["", f"Grid wall time (this invocation): {grid_seconds / 60:.1f} min with {args.workers} workers x 1 thread"]
+    if overhead:
+        lines += ["", f"Step time, W4A4 resnet20, batch {overhead['batch_size']}, 1 thread, interleaved "
+                      f"{args.overhead_repeats} x {overhead['steps_per_repeat']} steps: SAGM {overhead['sagm_s']:.3f} s, "
+                      f"GAQAT {overhead['gaqat_s']:.3f} s, ratio median {overhead['ratio_median']:.3f}x "
+                      f"(repeats {', '.join(f'{r:.3f}' for r in overhead['ratios'])})"]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    root = Path(args.out)
+    root.mkdir(parents=True, exist_ok=True)
+    grid_seconds = run_grid(args)
+    overhead = None if args.no_overhead else measure_overhead(args)
+    table = collect(args)
+    text = summarize(args, table, grid_seconds, overhead)
+    print(text)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    (root / f"summary-{stamp}.md").write_text(text + "\n")
+    (root / f"summary-{stamp}.json").write_text(json.dumps({
+        "argv": sys.argv, "grid_seconds": grid_seconds, "overhead": overhead,
+        "target_accuracy": {name: {f"{t}/{s}": v for (t, s), v in runs.items()} for name, runs in table.items()},
+    }, indent=2))
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    main()

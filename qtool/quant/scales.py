@@ -1,0 +1,71 @@
+"""Every learned quantizer scale of a model, by quantizer and layer name.
+
+GAQAT (and any analysis of scale gradients) needs the step-size parameters of a model without
+knowing how the model was quantized. Two families are recognised by walking the modules:
+
+- qtool's ``LSQQuantizer`` (the ``weight_quantizer``/``input_quantizer`` of QuantConv2d and
+  QuantLinear, or one used on its own): its ``scale`` parameter.
+- Brevitas scaling implementations that learn their scale (``ParameterScaling``,
+  ``ParameterFromStatsFromParameterScaling``, ``ParameterFromRuntimeStatsScaling`` and any
+  other module of ``brevitas.core.scaling`` holding a trainable parameter). The quantizer is the
+  nearest enclosing Brevitas quant proxy (``weight_quant``, ``act_quant``, ``input_quant``...),
+  the layer is the module owning that proxy.
+
+Brevitas is only consulted when the model's code already imported it, so qtool models never pay
+for importing Brevitas.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+
+from torch import nn
+
+from qtool.quant.lsq import LSQQuantizer
+
+
+@dataclass(frozen=True)
+class ScaleParameter:
+    """One learned scale tensor (one value per tensor, or one per output channel)."""
+
+    quantizer: str  # module path of the quantizer, e.g. "layers.0.0.conv1.weight_quantizer"
+    layer: str  # module path of the layer it quantizes, e.g. "layers.0.0.conv1"
+    name: str  # the parameter's name in model.named_parameters()
+    parameter: nn.Parameter
+
+
+def scale_parameters(model: nn.Module) -> list[ScaleParameter]:
+    """Trainable quantizer scales of ``model`` in module registration order."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    modules = dict(model.named_modules())
+    found: list[ScaleParameter] = []
+    for path, module in modules.items():
+        if isinstance(module, LSQQuantizer):
+            found.append(ScaleParameter(path, _parent(path), names[id(module.scale)], module.scale))
+        elif _is_brevitas_scaling(module):
+            quantizer = _brevitas_quantizer_path(path, modules)
+            for parameter in module.parameters(recurse=False):
+                if id(parameter) in names:
+                    found.append(ScaleParameter(quantizer, _parent(quantizer), names[id(parameter)], parameter))
+    return [s for s in found if s.parameter.requires_grad]
+
+
+def _parent(path: str) -> str:
+    return path.rpartition(".")[0]
+
+
+def _is_brevitas_scaling(module: nn.Module) -> bool:
+    return "brevitas" in sys.modules and type(module).__module__.startswith("brevitas.core.scaling")
+
+
+def _brevitas_quantizer_path(path: str, modules: dict[str, nn.Module]) -> str:
+    """The nearest ancestor that is a Brevitas quant proxy; the scaling module itself otherwise."""
+    from brevitas.proxy.quant_proxy import QuantProxyFromInjector
+
+    ancestor = path
+    while ancestor:
+        ancestor = _parent(ancestor)
+        if isinstance(modules.get(ancestor), QuantProxyFromInjector):
+            return ancestor
+    return path
