@@ -27,10 +27,18 @@ VERSION = 1
 
 @contextmanager
 def atomic_path(path: str | os.PathLike):
-    """Yield a temporary path beside ``path``; on success fsync it and rename it into place."""
+    """Yield a temporary path beside ``path``; on success fsync it and rename it into place.
+
+    A destination that is a directory, or a folder that cannot be written, is a one-line
+    ``QtoolError`` raised before anything is written."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    if path.is_dir():
+        raise QtoolError(f"cannot write {path}: it is a directory; give a file name")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise QtoolError(f"cannot write {path}: {exc.strerror or exc}") from None
     os.close(fd)
     try:
         yield Path(tmp)
@@ -40,6 +48,21 @@ def atomic_path(path: str | os.PathLike):
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    _sync_directory(path.parent)
+
+
+def _sync_directory(folder: Path) -> None:
+    """Make the rename itself durable: without this, a power cut can roll the folder back."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return  # some platforms cannot open a folder; the rename is still atomic
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
@@ -48,7 +71,8 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
 
 
 def save_checkpoint(path: str | os.PathLike, model: nn.Module, arch: str, num_classes: int, in_channels: int,
-                    image_size: int, meta: dict) -> None:
+                    image_size: int, meta: dict, training: dict | None = None) -> None:
+    """``training``: a trainer's resumable state (``qtool.train.resume``), for training checkpoints."""
     payload = {
         "format": FORMAT,
         "version": VERSION,
@@ -60,6 +84,8 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, arch: str, num_cl
         "state_dict": {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
         "meta": meta,
     }
+    if training is not None:
+        payload["training"] = training
     with atomic_path(path) as tmp:
         torch.save(payload, tmp)
 
