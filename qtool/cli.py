@@ -203,9 +203,8 @@ def main(argv: list[str] | None = None) -> None:
         cli.main(args=argv, prog_name="qtool", standalone_mode=False, obj={"argv": argv})
     except click.exceptions.Abort:
         _fail("aborted", 130)
-    except click.ClickException as exc:
-        exc.show()
-        sys.exit(exc.exit_code)
+    except click.ClickException as exc:  # usage mistakes are one line too (`qtool CMD -h` shows usage)
+        _fail(exc.format_message(), exc.exit_code)
     except QtoolError as exc:
         _fail(str(exc), 2)
     except FloatingPointError as exc:  # divergence: the user's hyper-parameters, not a bug

@@ -107,12 +107,18 @@ def validate(options: QuantizeOptions) -> None:
 
 
 def _check_writable(out: str) -> None:
+    """Fail now, not after hours of training, when --out cannot be written; create nothing
+    (a run that fails before its first checkpoint leaves no folder behind)."""
     path = Path(out)
     if path.exists() and not path.is_dir():
         raise QtoolError(f"--out {out} exists and is not a directory")
+    existing = path
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise QtoolError(f"cannot write to --out {out}: {existing} is not a directory")
     try:
-        path.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path, prefix=".qtool-write-test"):
+        with tempfile.NamedTemporaryFile(dir=existing, prefix=".qtool-write-test"):
             pass
     except OSError as exc:
         raise QtoolError(f"cannot write to --out {out}: {exc.strerror or exc}") from None

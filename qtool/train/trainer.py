@@ -165,22 +165,27 @@ class Trainer:
             images = self.augment.apply(images, theta.to(dtype))
         return images.contiguous(memory_format=torch.channels_last)
 
-    def _batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """This rank's images and labels of the next global batch.
-
-        The first step of a run also passes the whole global batch through the model once, with
-        BN statistics frozen, before DDP wraps it: quantizers that initialise on their first
-        input (LSQ step sizes, activation signs) then decide on the same global batch, with the
-        same values, as a single process whose first training forward does it."""
+    def _draw(self) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+        """The next global batch (image indices per domain) and its augmentation transforms."""
         indices = self.sampler.next_indices()
         theta = self.augment.draw(self.sampler.batch_size) if self.augment is not None else None
-        if self.step == 0:
-            images, _ = self.sampler.gather(indices, whole=True)
-            with torch.no_grad(), frozen_batchnorm_statistics(self.model):
-                self.model(self._prepare(images, theta))
+        return indices, theta
+
+    def _local_batch(self, indices: dict[str, torch.Tensor], theta: torch.Tensor | None):
+        """This rank's images and labels of a global batch."""
         images, labels = self.sampler.gather(indices)
         local_theta = theta[self.sampler.local_rows] if theta is not None else None
         return self._prepare(images, local_theta), labels.to(self.world.device)
+
+    @torch.no_grad()
+    def _initialize_lazy_state(self, indices: dict[str, torch.Tensor], theta: torch.Tensor | None) -> None:
+        """Pass the whole first global batch through the model once, with BN statistics frozen,
+        before BatchNorm is synchronised and DDP wraps the model: quantizers that initialise on
+        their first input (LSQ step sizes, activation signs) then decide on the same global
+        batch, with the same operations, as a single process; every rank gets the same values."""
+        images, _ = self.sampler.gather(indices, whole=True)
+        with frozen_batchnorm_statistics(self.model):
+            self.model(self._prepare(images, theta))
 
     # -- the loop ---------------------------------------------------------------------------------
     def fit(self, resume: dict | None = None) -> TrainResult:
@@ -192,13 +197,17 @@ class Trainer:
         if resume is not None:
             self.load_state_dict(resume)
         first_step, train_seconds = self.step, 0.0
+        first_batch = self._draw() if self.step == 0 else None
+        if first_batch is not None:
+            self._initialize_lazy_state(*first_batch)
         with global_batch_statistics(self.model, self.world):
             network = None
             while self.step < self.total_steps:
                 step_start = time.perf_counter()
                 if self.step % self.steps_per_epoch == 0:
                     self._call("on_epoch_start", self.epoch)
-                images, labels = self._batch()
+                images, labels = self._local_batch(*(first_batch or self._draw()))
+                first_batch = None
                 if network is None:
                     network = self.world.wrap(self.model)
 
