@@ -105,6 +105,7 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
     if path.is_dir():
         raise QtoolError(f"checkpoint {path} is a directory; pass the model.pt inside it")
     try:
+        _check_integrity(path)
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, pickle.UnpicklingError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -116,6 +117,17 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
     if payload.get("arch") not in ZOO:
         raise QtoolError(f"{path} names an unknown architecture {payload.get('arch')!r}")
     return payload
+
+
+def _check_integrity(path: Path) -> None:
+    """Verify the CRC-32 of every record: ``torch.load`` does not, so a flipped bit inside the
+    tensor data would otherwise load silently as a different weight. (This catches corruption,
+    not a deliberate edit that recomputes the CRCs; ``weights_only`` is what keeps such a file
+    from running code.)"""
+    with zipfile.ZipFile(path) as archive:
+        damaged = archive.testzip()
+    if damaged is not None:
+        raise ValueError(f"record {damaged.rsplit('/', 1)[-1]} fails its CRC-32 check")
 
 
 def model_from_checkpoint(payload: dict) -> nn.Module:
