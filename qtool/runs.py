@@ -15,13 +15,10 @@ from __future__ import annotations
 
 from dataclasses import fields
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from qtool.errors import QtoolError
+from qtool.options import QuantizeOptions
 from qtool.train.resume import read_training_checkpoint
-
-if TYPE_CHECKING:
-    from qtool.pipeline import QuantizeOptions
 
 PHASES = ("pretrain", "qat")
 # May differ between an interrupted run and its resumption: none of them changes a number.
@@ -52,13 +49,11 @@ def training_state(payload: dict) -> dict:
     return {"model": payload["state_dict"], **payload["training"]}
 
 
-def resumed_options(options: "QuantizeOptions", explicit: set[str] | None = None) -> "QuantizeOptions":
+def resumed_options(options: QuantizeOptions, explicit: set[str] | None = None) -> QuantizeOptions:
     """The options of the run in ``options.resume``, after checking the ones given again.
 
     ``explicit`` names the options the user gave; by default, every option that differs from
     its default value."""
-    from qtool.pipeline import QuantizeOptions
-
     folder = Path(options.resume)
     if not folder.is_dir():
         raise QtoolError(f"--resume {folder}: not a run folder (pass the --out folder of the interrupted run)")
