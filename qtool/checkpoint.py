@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 import tempfile
 import zipfile
 from contextlib import contextmanager
@@ -107,7 +108,12 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
     try:
         _check_integrity(path)
         payload = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, pickle.UnpicklingError) as exc:
+    except pickle.UnpicklingError as exc:
+        found = re.search(r"GLOBAL (\S+)", str(exc))
+        what = f" ({found.group(1)})" if found else ""
+        raise QtoolError(f"refusing checkpoint {path}: it holds Python objects{what}, not only tensors and plain "
+                         "values, and loading those could run code") from None
+    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise QtoolError(f"cannot read checkpoint {path}: corrupt or not a qtool checkpoint ({first[:200]})") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:

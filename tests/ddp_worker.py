@@ -3,8 +3,8 @@
 ``python ddp_worker.py DATA OUT`` runs one process; under ``torchrun --nproc_per_node N`` it
 runs data-parallel. Every rank writes
 ``OUT/rank<R>.pt`` (a test harness may: the product writes from rank 0 only) holding the final
-weights, the model-selection history and what the two-pass optimizer's hooks saw at each
-step: the statistics GAQAT decides from.
+weights, the model-selection history, what the two-pass optimizer's hooks saw at each step
+(the statistics GAQAT decides from) and, when GAQAT is installed, its freeze decisions.
 
 In float64 the data-parallel computation equals the single-process one to rounding error; in
 float32 Adam's normalised first steps turn the sign of near-zero gradient sums (noise at the
@@ -22,9 +22,10 @@ from qtool.data import load_domains, split_domains
 from qtool.models import build_model
 from qtool.quant.prepare import prepare
 from qtool.train.distributed import joined_world
+from qtool.train.methods import get_method, method_names
 from qtool.train.trainer import TrainConfig, Trainer
 
-CONFIG = TrainConfig(steps=3, batch_size=8, lr=1e-3, optimizer="sagm", augment=True, evals=2, seed=3)
+CONFIG = TrainConfig(steps=4, batch_size=8, lr=1e-3, optimizer="sagm", augment=True, evals=2, seed=3)
 
 
 class ScaleGradientProbe:
@@ -53,9 +54,12 @@ def train(data_path: str, out: str) -> None:
         trainer = Trainer(model, split, CONFIG, world=world)
         probe = ScaleGradientProbe(model)
         trainer.optimizer.hooks.append(probe)
+        if "gaqat" in method_names():  # GAQAT itself, deciding every 2 steps from a 2-step window
+            gaqat = get_method("gaqat")
+            trainer.callbacks = gaqat.setup(model, trainer, {**gaqat.options, "window": 2, "every": 2, "tau": 0.5})
         result = trainer.fit()
-        torch.save({"state": model.state_dict(), "history": result.history, "probe": probe.steps},
-                   f"{out}/rank{world.rank}.pt")
+        torch.save({"state": model.state_dict(), "history": result.history, "probe": probe.steps,
+                    "reports": trainer.callback_reports()}, f"{out}/rank{world.rank}.pt")
 
 
 if __name__ == "__main__":

@@ -3,8 +3,8 @@
 - In float64 through the Python API: the final weights agree to 1e-9 (they differ only by the
   summation order of the gradient all-reduce and the global BatchNorm statistics), both ranks
   hold bit-identical weights, and the hook statistics GAQAT decides from (sign agreement of the
-  task and smoothness gradients of every quantizer scale) are identical on every rank and equal
-  to the single-process ones.
+  task and smoothness gradients of every quantizer scale), and GAQAT's own freeze decisions, are
+  identical on every rank and equal to the single-process ones.
 - Through the CLI (``--nproc 2``, float32): distributed pre-training fills the cache from rank 0
   only, rank 0 alone writes the run folder, and one full-precision SAGM step from the cached
   model gives the weights a 1-process run gets, up to float32 rounding. (A float32 *quantized*
@@ -69,12 +69,16 @@ def test_two_processes_train_like_one_in_float64(tmp_path):
             torch.testing.assert_close(ranks[0]["state"][key], value, rtol=1e-9, atol=1e-12, msg=key)
         else:
             assert torch.equal(ranks[0]["state"][key], value), key
-    assert len(one["probe"]) == len(ranks[0]["probe"]) == 3
+    assert len(one["probe"]) == len(ranks[0]["probe"]) == 4
     for seen, reference in zip(ranks[0]["probe"], one["probe"]):
         assert torch.equal(seen["agreement"], reference["agreement"])
         torch.testing.assert_close(seen["grad_norm"], reference["grad_norm"], rtol=1e-9, atol=0)
     # Model selection: same validation accuracies (summed integer counts), same choice.
     assert [h["val"] for h in ranks[0]["history"]] == [h["val"] for h in one["history"]]
+    # GAQAT's measures and freeze decisions: the same on both ranks and as in one process.
+    assert ranks[0]["reports"] == ranks[1]["reports"] == one["reports"]
+    if "gaqat" in one["reports"]:
+        assert len(one["reports"]["gaqat"]["frozen"]) == 2
 
 
 def test_nproc_cli_writes_from_rank_0_and_matches_one_process(tmp_path):
