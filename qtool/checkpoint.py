@@ -47,6 +47,9 @@ def atomic_path(path: str | os.PathLike):
             os.fsync(handle.fileno())
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the mode a plain open() would
         os.replace(tmp, path)
+    except OSError as exc:  # e.g. the disk filled up: the old file, if any, is untouched
+        Path(tmp).unlink(missing_ok=True)
+        raise QtoolError(f"cannot write {path}: {exc.strerror or exc}") from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

@@ -114,6 +114,10 @@ def joined_world(device: str = "auto") -> Iterator[World]:
         yield World(device=target)
         return
     if target.type == "cuda":
+        per_node = int(os.environ.get("LOCAL_WORLD_SIZE", size))
+        if per_node > torch.cuda.device_count():
+            raise QtoolError(f"{per_node} processes per machine but {torch.cuda.device_count()} GPU(s): "
+                             "start one process per GPU, or train on the CPU with --device cpu")
         torch.cuda.set_device(target)
     owner = not dist.is_initialized()
     if owner:

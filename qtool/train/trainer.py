@@ -210,19 +210,7 @@ class Trainer:
                 first_batch = None
                 if network is None:
                     network = self.world.wrap(self.model)
-
-                def loss_fn(perturbed: bool):
-                    if not perturbed:
-                        logits = network(images)
-                        return F.cross_entropy(logits, labels), logits
-                    with frozen_batchnorm_statistics(self.model):
-                        logits = network(images)
-                        return F.cross_entropy(logits, labels), logits
-
-                loss, logits = self.optimizer.step(loss_fn)
-                self.schedule.step()
-                self.step += 1
-                loss_value, accuracy = self._global_loss_and_accuracy(loss, logits, labels)
+                loss_value, accuracy = self._train_step(network, images, labels)
                 train_seconds += time.perf_counter() - step_start
                 check_step(self.step, loss_value, self.model, self._last_good())
                 self._call("on_step_end", self.step, loss_value)
@@ -239,6 +227,23 @@ class Trainer:
         images = (self.step - first_step) * self.sampler.batch_size
         return TrainResult(self.selection.best_val, self.selection.best_step, self.step, time.perf_counter() - start,
                            self.selection.history, images / train_seconds if train_seconds else 0.0)
+
+    def _train_step(self, network: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
+        """One optimizer step (two forward/backward passes for SAM-family methods, each
+        all-reduced by DDP); returns the global batch's loss and accuracy."""
+
+        def loss_fn(perturbed: bool):
+            if not perturbed:
+                logits = network(images)
+                return F.cross_entropy(logits, labels), logits
+            with frozen_batchnorm_statistics(self.model):
+                logits = network(images)
+                return F.cross_entropy(logits, labels), logits
+
+        loss, logits = self.optimizer.step(loss_fn)
+        self.schedule.step()
+        self.step += 1
+        return self._global_loss_and_accuracy(loss, logits, labels)
 
     def _global_loss_and_accuracy(self, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
         """Mean loss and accuracy over the global batch (every rank gets the same numbers)."""
