@@ -22,6 +22,7 @@ import sys
 from pathlib import Path
 
 import ddp_worker
+import pytest
 import torch
 from reliability_helpers import one_thread, write_tiny_npz
 
@@ -106,3 +107,14 @@ def test_nproc_cli_writes_from_rank_0_and_matches_one_process(tmp_path):
             same += int(torch.isclose(w2[key], value, rtol=1e-5, atol=1e-7).sum())
             total += value.numel()
     assert same / total > 0.98, f"only {same / total:.3%} of the weights agree"
+
+
+def test_nproc_checks_options_before_starting_workers(tmp_path, capsys):
+    from qtool.cli import main
+
+    with pytest.raises(SystemExit) as stop:
+        main(["quantize", "resnet20", "--bits", "5", "--nproc", "2", "--out", str(tmp_path / "run")])
+    assert stop.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "error: --bits must be one of 1, 2, 3, 4, 8 (or 32 for full precision), got 5"]
+    assert not (tmp_path / "run").exists()
