@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import os
 import pickle
-import tempfile
+import re
 import zipfile
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from qtool.atomic import atomic_path, write_text_atomic  # noqa: F401  (re-exported: callers import them from here)
 from qtool.errors import QtoolError
 from qtool.models import ZOO, build_model
 from qtool.quant.prepare import apply_plan
@@ -25,30 +25,9 @@ FORMAT = "qtool-checkpoint"
 VERSION = 1
 
 
-@contextmanager
-def atomic_path(path: str | os.PathLike):
-    """Yield a temporary path beside ``path``; on success fsync it and rename it into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        with open(tmp, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def write_text_atomic(path: str | os.PathLike, text: str) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(text)
-
-
 def save_checkpoint(path: str | os.PathLike, model: nn.Module, arch: str, num_classes: int, in_channels: int,
-                    image_size: int, meta: dict) -> None:
+                    image_size: int, meta: dict, training: dict | None = None) -> None:
+    """``training``: a trainer's resumable state (``qtool.train.resume``), for training checkpoints."""
     payload = {
         "format": FORMAT,
         "version": VERSION,
@@ -60,6 +39,8 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, arch: str, num_cl
         "state_dict": {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
         "meta": meta,
     }
+    if training is not None:
+        payload["training"] = training
     with atomic_path(path) as tmp:
         torch.save(payload, tmp)
 
@@ -72,8 +53,14 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
     if path.is_dir():
         raise QtoolError(f"checkpoint {path} is a directory; pass the model.pt inside it")
     try:
+        _check_integrity(path)
         payload = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, pickle.UnpicklingError) as exc:
+    except pickle.UnpicklingError as exc:
+        found = re.search(r"GLOBAL (\S+)", str(exc))
+        what = f" ({found.group(1)})" if found else ""
+        raise QtoolError(f"refusing checkpoint {path}: it holds Python objects{what}, not only tensors and plain "
+                         "values, and loading those could run code") from None
+    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise QtoolError(f"cannot read checkpoint {path}: corrupt or not a qtool checkpoint ({first[:200]})") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
@@ -83,6 +70,17 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
     if payload.get("arch") not in ZOO:
         raise QtoolError(f"{path} names an unknown architecture {payload.get('arch')!r}")
     return payload
+
+
+def _check_integrity(path: Path) -> None:
+    """Verify the CRC-32 of every record: ``torch.load`` does not, so a flipped bit inside the
+    tensor data would otherwise load silently as a different weight. (This catches corruption,
+    not a deliberate edit that recomputes the CRCs; ``weights_only`` is what keeps such a file
+    from running code.)"""
+    with zipfile.ZipFile(path) as archive:
+        damaged = archive.testzip()
+    if damaged is not None:
+        raise ValueError(f"record {damaged.rsplit('/', 1)[-1]} fails its CRC-32 check")
 
 
 def model_from_checkpoint(payload: dict) -> nn.Module:

@@ -92,23 +92,51 @@ def cli():
 @click.option("--cache-dir", type=click.Path(file_okay=False), default=None, help="Pre-training cache (default ~/.cache/qtool/pretrain).")
 @click.option("--option", "-O", multiple=True, metavar="KEY=VALUE",
               help="Method option, repeatable (GAQAT: window, every, tau, ...; ReSTE: o_end, t, m).")
-@click.option("--threads", type=int, default=None, help="torch threads (default: torch's choice).")
-@click.option("--out", type=click.Path(file_okay=False), required=True, help="Output folder for model.pt and report.json.")
-def quantize(model, threads, option, **kwargs):
+@click.option("--threads", type=int, default=None, help="torch threads per process (default: torch's choice).")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=default("device"), show_default=True,
+              help="Where to train: auto picks CUDA when available.")
+@click.option("--nproc", type=int, default=1, show_default=True,
+              help="Data-parallel processes on this machine, started with torchrun's launcher "
+                   "(same as `torchrun --nproc_per_node N -m qtool quantize ...`).")
+@click.option("--checkpoints/--no-checkpoints", default=default("checkpoints"), show_default=True,
+              help="Write resumable checkpoints to OUT/checkpoints at each epoch end.")
+@click.option("--checkpoint-every", type=int, default=default("checkpoint_every"), show_default=True,
+              help="Also checkpoint every N steps (0: epoch ends only).")
+@click.option("--resume", type=click.Path(file_okay=False), default=None,
+              help="Continue the interrupted run whose --out folder this is, with its options.")
+@click.option("--out", type=click.Path(file_okay=False), default=None,
+              help="Output folder for model.pt and report.json (required unless --resume).")
+def quantize(model, threads, nproc, option, **kwargs):
     """Train MODEL (a zoo name or a full-precision qtool checkpoint) with quantization-aware
     training on the source domains and write DIR/model.pt and DIR/report.json."""
-    from qtool.pipeline import QuantizeOptions, quantize as run_quantize
+    from qtool.options import QuantizeOptions
+    from qtool.pipeline import quantize as run_quantize, validate
     from qtool.progress import TrainingProgress, print_quantize_summary
+    from qtool.runs import resumed_options
+    from qtool.launch import launched_by_torchrun, launched_rank
 
-    if model is None:
+    resume = kwargs["resume"]
+    if model is None and not resume:
         raise QtoolError("missing MODEL: a zoo name (resnet20, resnet18, vgg-small, dg-cnn, mobilenetv2) or a checkpoint")
-    _set_threads(threads)
+    if kwargs["out"] is None and not resume:
+        raise QtoolError("missing --out DIR: the folder for model.pt and report.json")
+    if nproc < 1:
+        raise QtoolError(f"--nproc must be at least 1, got {nproc}")
     first_last = kwargs.pop("first_last_bits")
-    options = QuantizeOptions(model=model, first_last_bits=None if first_last == 0 else first_last,
-                              method_options=_parse_options(option), **kwargs)
-    with TrainingProgress() as progress:
-        report = run_quantize(options, progress.update)
-    print_quantize_summary(report, options.out)
+    options = QuantizeOptions(model=model or "", first_last_bits=None if first_last == 0 else first_last, threads=threads,
+                              method_options=_parse_options(option), **{**kwargs, "out": kwargs["out"] or ""})
+    explicit = _explicit_options(click.get_current_context(), model)
+    if nproc > 1 and not launched_by_torchrun():
+        from qtool.launch import run_data_parallel
+
+        # Check everything here so a mistake is one line, not one per worker plus torchrun's report.
+        validate(resumed_options(options, explicit) if resume else options)
+        sys.exit(run_data_parallel(nproc, _without_nproc(click.get_current_context().obj["argv"]), threads))
+    main_rank = launched_rank() == 0
+    with TrainingProgress(enabled=main_rank) as progress:
+        report = run_quantize(options, progress.update, explicit)
+    if main_rank:
+        print_quantize_summary(report, options.out or resume)
 
 
 @cli.command("eval", context_settings=CONTEXT)
@@ -147,6 +175,28 @@ def build_kernels_command(verbose):
     click.echo(f"fused fake-quant: {'built' if fused is not None else 'unavailable (PyTorch reference in use)'}")
 
 
+def _explicit_options(ctx: click.Context, model: str | None) -> set[str]:
+    """Names of the QuantizeOptions the user gave (flags or --config), for --resume's checks."""
+    given = {name for name in ctx.params
+             if ctx.get_parameter_source(name) not in (None, click.core.ParameterSource.DEFAULT)}
+    renamed = {"option": "method_options"}
+    explicit = {renamed.get(name, name) for name in given} - {"nproc", "config"}
+    return explicit | ({"model"} if model else set())
+
+
+def _without_nproc(argv: list[str]) -> list[str]:
+    """The command line minus ``--nproc N``: what each torchrun worker runs."""
+    kept, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--nproc":
+            skip = True
+        elif not arg.startswith("--nproc="):
+            kept.append(arg)
+    return kept
+
+
 def _set_threads(threads: int | None) -> None:
     if threads is None:
         return
@@ -157,25 +207,30 @@ def _set_threads(threads: int | None) -> None:
     torch.set_num_threads(threads)
 
 
+def _fail(message: str, code: int) -> None:
+    """One ``error: ...`` line; under torchrun, ranks other than 0 say which rank they are."""
+    from qtool.launch import launched_rank
+
+    rank = launched_rank()
+    print(f"{f'[rank {rank}] ' if rank else ''}error: {message}", file=sys.stderr)
+    sys.exit(code)
+
+
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else list(argv)
     try:
-        cli.main(args=argv, prog_name="qtool", standalone_mode=False)
+        cli.main(args=argv, prog_name="qtool", standalone_mode=False, obj={"argv": argv})
     except click.exceptions.Abort:
-        print("error: aborted", file=sys.stderr)
-        sys.exit(130)
-    except click.ClickException as exc:  # bad flags: one line like every other user error
-        print(f"error: {exc.format_message()}", file=sys.stderr)
-        sys.exit(exc.exit_code)
+        _fail("aborted", 130)
+    except click.ClickException as exc:  # usage mistakes are one line too (`qtool CMD -h` shows usage)
+        _fail(exc.format_message(), exc.exit_code)
     except QtoolError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
+        _fail(str(exc), 2)
     except FloatingPointError as exc:  # divergence: the user's hyper-parameters, not a bug
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(3)
+        _fail(str(exc), 3)
     except ModuleNotFoundError as exc:
         if exc.name in ("torch", "brevitas", "onnx", "sklearn", "yaml", "matplotlib"):
-            print(f"error: {exc.name} is not installed; this command needs `pip install qtool[train]`", file=sys.stderr)
-            sys.exit(2)
+            _fail(f"{exc.name} is not installed; this command needs `pip install qtool[train]`", 2)
         raise
 
 

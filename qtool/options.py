@@ -36,6 +36,11 @@ class QuantizeOptions:
     cache_dir: str | None = None
     use_cache: bool = True
     method_options: dict = field(default_factory=dict)
+    device: str = "auto"  # auto (CUDA when available) | cpu | cuda
+    threads: int | None = None  # torch threads per process (None: torch's choice, recorded when training starts)
+    checkpoints: bool = True  # resumable checkpoints in OUT/checkpoints at each epoch end
+    checkpoint_every: int = 0  # ... and every N steps
+    resume: str | None = None  # run folder of an interrupted run to continue
 
 
 def default(name: str):

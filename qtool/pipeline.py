@@ -1,6 +1,8 @@
 """``qtool quantize`` and ``qtool eval`` as plain functions: data -> model -> train -> report.
 
-The CLI parses and prints; everything that decides something lives here or below.
+The CLI parses and prints; everything that decides something lives here or below. Under
+torchrun every rank runs ``quantize`` (data-parallel training, ``qtool.train.distributed``) and
+rank 0 alone writes files.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ import json
 import os
 import tempfile
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Callable
 
@@ -19,6 +21,7 @@ from torch import nn
 
 from qtool import __version__
 from qtool.checkpoint import load_model, read_checkpoint, save_checkpoint, model_from_checkpoint, write_text_atomic
+from qtool.runs import checkpoint_path, resumable_checkpoint, resumed_options, training_state
 from qtool.data import DomainSet, Split, load_domains, split_domains
 from qtool.errors import QtoolError
 from qtool.evaluate import split_accuracies
@@ -26,6 +29,8 @@ from qtool.models import ZOO, build_model
 from qtool.options import VALID_BITS, QuantizeOptions
 from qtool.quant.prepare import prepare
 from qtool.train.methods import get_method, method_names
+from qtool.train.distributed import DEVICES, World, joined_world
+from qtool.train.resume import Checkpointing
 from qtool.train.trainer import TrainConfig, Trainer
 
 def validate(options: QuantizeOptions) -> None:
@@ -59,18 +64,30 @@ def validate(options: QuantizeOptions) -> None:
         raise QtoolError("--epochs must be positive")
     if options.batch_size < 2:
         raise QtoolError("--batch-size must be at least 2")
+    if options.threads is not None and options.threads < 1:
+        raise QtoolError(f"--threads must be at least 1, got {options.threads}")
+    if options.checkpoint_every < 0:
+        raise QtoolError(f"--checkpoint-every must be 0 (epoch ends only) or positive, got {options.checkpoint_every}")
+    if options.device not in DEVICES:
+        raise QtoolError(f"--device must be one of {', '.join(DEVICES)}, got {options.device!r}")
     _check_writable(options.out)
     if options.model not in ZOO and not Path(options.model).is_file():
         raise QtoolError(f"unknown model {options.model!r}: use one of {', '.join(ZOO)} or a qtool checkpoint path")
 
 
 def _check_writable(out: str) -> None:
+    """Fail now, not after hours of training, when --out cannot be written; create nothing
+    (a run that fails before its first checkpoint leaves no folder behind)."""
     path = Path(out)
     if path.exists() and not path.is_dir():
         raise QtoolError(f"--out {out} exists and is not a directory")
+    existing = path
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise QtoolError(f"cannot write to --out {out}: {existing} is not a directory")
     try:
-        path.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path, prefix=".qtool-write-test"):
+        with tempfile.NamedTemporaryFile(dir=existing, prefix=".qtool-write-test"):
             pass
     except OSError as exc:
         raise QtoolError(f"cannot write to --out {out}: {exc.strerror or exc}") from None
@@ -109,9 +126,35 @@ def pretrain_key(options: QuantizeOptions, data: DomainSet) -> str:
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
 
 
-def full_precision_model(options: QuantizeOptions, data: DomainSet, split: Split, progress) -> tuple[nn.Module, dict]:
+def _checkpointing(options: QuantizeOptions, phase: str, data: DomainSet, arch: str, identity: dict) -> Checkpointing | None:
+    if not options.checkpoints:
+        return None
+    header = {"arch": arch, "num_classes": data.num_classes, "in_channels": data.channels, "image_size": data.image_size}
+    meta = {"phase": phase, "options": asdict(options), **identity}
+    return Checkpointing(checkpoint_path(options.out, phase), header, options.checkpoint_every, meta)
+
+
+def _resume_state(options: QuantizeOptions, phase: str, identity: dict) -> dict | None:
+    """The ``phase`` state saved by the interrupted run, checked against this run's data."""
+    if not options.resume:
+        return None
+    payload = resumable_checkpoint(options.resume, phase)
+    if payload is None:
+        return None
+    for key, value in identity.items():
+        if payload["meta"].get(key) != value:
+            raise QtoolError(f"cannot resume {checkpoint_path(options.resume, phase)}: the data or settings changed "
+                             f"since the interrupted run ({key} differs)")
+    return payload
+
+
+def full_precision_model(options: QuantizeOptions, data: DomainSet, split: Split, progress,
+                         world: World = World()) -> tuple[nn.Module, dict]:
     """The FP starting point: a user's checkpoint, or a zoo model pre-trained on the sources
-    (read from the cache when this model/data/target/seed/config was trained before)."""
+    (read from the cache when this model/data/target/seed/config was trained before).
+
+    Data-parallel runs pre-train data-parallel too (the same computation as one process, in
+    less time); rank 0 decides whether the cache holds the model and alone writes it."""
     if options.model not in ZOO:
         model, payload = load_model(options.model)
         if payload.get("plan"):
@@ -119,78 +162,115 @@ def full_precision_model(options: QuantizeOptions, data: DomainSet, split: Split
         if payload["num_classes"] != data.num_classes or payload["in_channels"] != data.channels:
             raise QtoolError(f"{options.model} was trained for {payload['num_classes']} classes and "
                              f"{payload['in_channels']} channels; the data has {data.num_classes} and {data.channels}")
-        return model, {"checkpoint": str(options.model), **split_accuracies(model, split)}
+        return model, {"checkpoint": str(options.model), **split_accuracies(model, split, world)}
 
-    cached = _cache_root(options) / f"{options.model}-{pretrain_key(options, data)}.pt"
-    if options.use_cache and cached.exists():
-        try:
-            payload = read_checkpoint(cached)
-            progress({"phase": "pretrain", "cached": str(cached)})
-            return model_from_checkpoint(payload), payload["meta"]["report"]
-        except QtoolError:
-            pass  # a damaged cache entry is retrained and overwritten
+    key = pretrain_key(options, data)
+    cached = _cache_root(options) / f"{options.model}-{key}.pt"
+    if world.broadcast(options.use_cache and world.is_main and _readable(cached)):
+        payload = read_checkpoint(cached)
+        progress({"phase": "pretrain", "cached": str(cached)})
+        return model_from_checkpoint(payload), payload["meta"]["report"]
+    identity = {"pretrain_key": key}
     torch.manual_seed(options.seed)
     model = build_model(options.model, data.num_classes, data.channels)
-    trainer = Trainer(model, split, pretrain_config(options), progress=lambda r: progress({"phase": "pretrain", **r}))
+    trainer = Trainer(model, split, pretrain_config(options), progress=lambda r: progress({"phase": "pretrain", **r}),
+                      world=world, checkpointing=_checkpointing(options, "pretrain", data, options.model, identity))
     progress({"phase": "pretrain", "total": trainer.total_steps})
-    result = trainer.fit()
-    report = {**split_accuracies(model, split), "steps": result.steps, "seconds": result.seconds}
-    if options.use_cache:
+    resume = _resume_state(options, "pretrain", identity)
+    result = trainer.fit(resume=training_state(resume) if resume else None)
+    report = {**split_accuracies(model, split, world), "steps": result.steps, "seconds": result.seconds}
+    if options.use_cache and world.is_main:
         save_checkpoint(cached, model, options.model, data.num_classes, data.channels, data.image_size,
                         {"report": report, "kind": "pretrain"})
     return model, report
 
 
+def _readable(path: Path) -> bool:
+    """Whether ``path`` is an intact checkpoint (a damaged cache entry is retrained and overwritten)."""
+    try:
+        read_checkpoint(path)
+        return True
+    except QtoolError:
+        return False
+
+
 # -- quantize -----------------------------------------------------------------------------
 
-def quantize(options: QuantizeOptions, progress: Callable[[dict], None] = lambda record: None) -> dict:
+def quantize(options: QuantizeOptions, progress: Callable[[dict], None] = lambda record: None,
+             explicit: set[str] | None = None) -> dict:
+    """Train and write ``options.out``. ``options.resume`` continues an interrupted run (with
+    ``explicit``, the options the user gave again, checked by ``qtool.runs.resumed_options``)."""
+    if options.resume:
+        options = resumed_options(options, explicit)
     validate(options)
+    if options.threads is not None:
+        torch.set_num_threads(options.threads)
+    # Recorded so that --resume uses the same count: it changes float summation order, and a
+    # resumed run reproduces the uninterrupted one bit for bit only with the same order.
+    options = replace(options, threads=torch.get_num_threads())
+    with joined_world(options.device) as world:
+        return _quantize(options, progress if world.is_main else lambda record: None, world)
+
+
+def _quantize(options: QuantizeOptions, progress: Callable[[dict], None], world: World) -> dict:
     start = time.perf_counter()
     data = load_domains(options.data, options.image_size)
     split = split_domains(data, options.target_domain, options.holdout, options.seed)
     method = get_method(options.method)
-    model, fp_report = full_precision_model(options, data, split, progress)
-    arch = options.model if options.model in ZOO else read_checkpoint(options.model)["arch"]
-
     act_bits = options.act_bits if options.act_bits is not None else options.bits
-    torch.manual_seed(options.seed)
-    if options.bits == 32:
-        qmodel = model
-    elif options.bits == 1:
-        from qtool.quant.binary import prepare_binary  # lands with the binary-network work
-
-        qmodel = prepare_binary(model, **{**method.options, **options.method_options})
+    identity = {"data_identity": _data_identity(options.data)}
+    resume = _resume_state(options, "qat", identity)
+    if resume is not None:  # the QAT state holds the quantized model: no need for the FP one
+        qmodel, fp_report, arch = model_from_checkpoint(resume), resume["meta"]["fp_report"], resume["arch"]
     else:
-        qmodel = prepare(model, options.bits, act_bits, options.first_last_bits, inplace=True)
+        model, fp_report = full_precision_model(options, data, split, progress, world)
+        arch = options.model if options.model in ZOO else read_checkpoint(options.model)["arch"]
+        qmodel = _quantized(model, options, method, act_bits)
 
     config = TrainConfig(
         epochs=options.epochs, steps=options.steps, batch_size=options.batch_size, lr=options.lr,
         weight_decay=options.weight_decay, optimizer=method.optimizer, rho=options.rho, alpha=options.alpha,
         seed=options.seed, augment=options.augment, evals=options.evals,
     )
-    trainer = Trainer(qmodel, split, config, progress=lambda r: progress({"phase": "qat", **r}))
+    checkpointing = _checkpointing(options, "qat", data, arch, {**identity, "fp_report": fp_report})
+    trainer = Trainer(qmodel, split, config, progress=lambda r: progress({"phase": "qat", **r}),
+                      world=world, checkpointing=checkpointing)
     if method.setup is not None:
         trainer.callbacks = method.setup(qmodel, trainer, {**method.options, **options.method_options})
     progress({"phase": "qat", "total": trainer.total_steps})
-    result = trainer.fit()
+    result = trainer.fit(resume=training_state(resume) if resume is not None else None)
 
     report = {
         "model": arch, "method": options.method, "bits": options.bits, "act_bits": act_bits, "seed": options.seed,
         "target_domain": options.target_domain, "source_domains": split.source_names,
-        **split_accuracies(qmodel, split),
+        **split_accuracies(qmodel, split, world),
         "seconds": time.perf_counter() - start, "steps": result.steps,
+        "throughput": {"images_per_second": result.images_per_second, "processes": world.size},
         "full_precision": fp_report, "selected_step": result.best_step, "history": result.history,
         "data": options.data, "qtool_version": __version__,
         **trainer.callback_reports(),
     }
-    out = Path(options.out)
-    save_checkpoint(out / "model.pt", qmodel, arch, data.num_classes, data.channels, data.image_size,
-                    {"report": _summary(report), "options": asdict(options)})
-    write_text_atomic(out / "report.json", json.dumps(report, indent=2))
-    for callback in trainer.callbacks:  # e.g. GAQAT's heatmap, ReSTE's indicator plot
-        if hasattr(callback, "write_artifacts"):
-            callback.write_artifacts(out)
+    if world.is_main:
+        out = Path(options.out)
+        save_checkpoint(out / "model.pt", qmodel, arch, data.num_classes, data.channels, data.image_size,
+                        {"report": _summary(report), "options": asdict(options)})
+        write_text_atomic(out / "report.json", json.dumps(report, indent=2))
+        for callback in trainer.callbacks:  # e.g. GAQAT's heatmap, ReSTE's indicator plot
+            if hasattr(callback, "write_artifacts"):
+                callback.write_artifacts(out)
     return report
+
+
+def _quantized(model: nn.Module, options: QuantizeOptions, method, act_bits: int) -> nn.Module:
+    """``model`` with the quantizers of ``--bits`` inserted (``--bits 32``: unchanged)."""
+    torch.manual_seed(options.seed)
+    if options.bits == 32:
+        return model
+    if options.bits == 1:
+        from qtool.quant.binary import prepare_binary
+
+        return prepare_binary(model, **{**method.options, **options.method_options})
+    return prepare(model, options.bits, act_bits, options.first_last_bits, inplace=True)
 
 
 def _summary(report: dict) -> dict:

@@ -17,11 +17,12 @@ stdout = Console()
 class TrainingProgress:
     """Receives the trainer's records (``{"phase", "step", "loss", "acc", "val"}``) and draws them."""
 
-    def __init__(self):
+    def __init__(self, enabled: bool = True):
+        """``enabled=False`` draws nothing (data-parallel ranks other than 0)."""
         self.progress = Progress(
             TextColumn("[bold]{task.description:<9}"), BarColumn(), MofNCompleteColumn(),
             TextColumn("loss {task.fields[loss]:.3f}  acc {task.fields[acc]:.3f}  val {task.fields[val]}"),
-            TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=False,
+            TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=False, disable=not enabled,
         )
         self.tasks: dict[str, int] = {}
 

@@ -48,14 +48,33 @@ class DomainBatchSampler:
                 self.positions[name] = 0
         return torch.cat(picked)
 
-    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """uint8 images and labels of this rank's part of the next global batch."""
+    @property
+    def batch_size(self) -> int:
+        """Images in one global batch (all ranks together)."""
+        return self.per_domain * len(self.domains)
+
+    @property
+    def local_rows(self) -> torch.Tensor:
+        """Positions of this rank's images inside the global batch (domain blocks, interleaved)."""
+        rows = torch.arange(self.batch_size).view(len(self.domains), self.per_domain)
+        return rows[:, self.rank :: self.world_size].reshape(-1)
+
+    def next_indices(self) -> dict[str, torch.Tensor]:
+        """The next global batch as image indices per domain (advances the position)."""
+        return {name: self._take(name) for name in self.domains}
+
+    def gather(self, indices: dict[str, torch.Tensor], whole: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """uint8 images and labels of this rank's part of a global batch (``whole``: all of it)."""
         images, labels = [], []
         for name, domain in self.domains.items():
-            index = self._take(name)[self.rank :: self.world_size]
+            index = indices[name] if whole else indices[name][self.rank :: self.world_size]
             images.append(domain.images[index])
             labels.append(domain.labels[index])
         return torch.cat(images), torch.cat(labels)
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """uint8 images and labels of this rank's part of the next global batch."""
+        return self.gather(self.next_indices())
 
     def state_dict(self) -> dict:
         return {
@@ -82,14 +101,20 @@ class DigitAugment:
         self.degrees, self.scale, self.shift = degrees, scale, shift
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        n = len(images)
+        return self.apply(images, self.draw(len(images)))
+
+    def draw(self, n: int) -> torch.Tensor:
+        """``n`` random affine transforms (n x 2 x 3). Data-parallel ranks draw them for the whole
+        global batch and each applies its rows, so augmentation does not depend on the rank count."""
         uniform = lambda: torch.rand(n, generator=self.generator) * 2 - 1  # noqa: E731
         angle = uniform() * math.radians(self.degrees)
         zoom = 1 + uniform() * self.scale
         tx, ty = uniform() * self.shift * 2, uniform() * self.shift * 2  # grid units span [-1, 1]
         cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
-        theta = torch.stack([torch.stack([cos, -sin, tx], 1), torch.stack([sin, cos, ty], 1)], 1)
-        grid = F.affine_grid(theta, list(images.shape), align_corners=False)
+        return torch.stack([torch.stack([cos, -sin, tx], 1), torch.stack([sin, cos, ty], 1)], 1)
+
+    def apply(self, images: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+        grid = F.affine_grid(theta.to(images.device), list(images.shape), align_corners=False)
         # Border padding repeats the edge pixels: right for black MNIST and coloured MNIST-M backgrounds alike.
         return F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
