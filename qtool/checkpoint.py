@@ -9,42 +9,19 @@ from __future__ import annotations
 
 import os
 import pickle
-import tempfile
 import zipfile
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from qtool.atomic import atomic_path, write_text_atomic  # noqa: F401  (re-exported: callers import them from here)
 from qtool.errors import QtoolError
 from qtool.models import ZOO, build_model
 from qtool.quant.prepare import apply_plan
 
 FORMAT = "qtool-checkpoint"
 VERSION = 1
-
-
-@contextmanager
-def atomic_path(path: str | os.PathLike):
-    """Yield a temporary path beside ``path``; on success fsync it and rename it into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        with open(tmp, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def write_text_atomic(path: str | os.PathLike, text: str) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(text)
 
 
 def save_checkpoint(path: str | os.PathLike, model: nn.Module, arch: str, num_classes: int, in_channels: int,
