@@ -1,0 +1,101 @@
+"""onnxruntime against PyTorch on the same inputs: does the exported file compute the trained model?
+
+Pass criteria (``qtool export --verify N``):
+- top-1 agreement >= 99.5 % between onnxruntime's integer kernels and the PyTorch model;
+- no logit differs by more than one *output step*: the step of an 8-bit quantizer spanning
+  the PyTorch logits' range over the samples, ``(max - min) / 255``. Integer kernels reorder
+  float math and residual joins are requantized to 8 bits, so a few codes flip near rounding
+  boundaries; a difference within one such step is one an 8-bit deployment could not tell
+  apart, a larger one means the graph computes something else.
+
+The same inputs also run with onnxruntime's graph optimizations off (``reference``): that is the
+ONNX graph's own float QDQ semantics, and separates an exporter bug (reference already off)
+from integer-kernel rounding (reference on, fused off).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from qtool.errors import QtoolError
+from qtool.onnxrt import create_session
+
+MIN_AGREEMENT = 0.995
+
+
+class VerificationError(QtoolError):
+    """The exported model does not reproduce PyTorch within the tolerances."""
+
+
+@dataclass
+class Verification:
+    samples: int
+    agreement: float             # top-1, fused integer kernels vs PyTorch
+    max_abs_diff: float          # largest logit difference, fused vs PyTorch
+    output_step: float           # one step of an 8-bit grid over the PyTorch logits' range
+    reference_agreement: float   # onnxruntime without graph optimizations vs PyTorch
+    reference_max_abs_diff: float
+    torch_accuracy: float | None = None
+    onnx_accuracy: float | None = None
+
+    @property
+    def passed(self) -> bool:
+        return self.agreement >= MIN_AGREEMENT and self.max_abs_diff <= self.output_step
+
+    def summary(self) -> str:
+        text = (f"top-1 agreement {100 * self.agreement:.2f}% on {self.samples} samples (need >= {100 * MIN_AGREEMENT:.1f}%), "
+                f"max |logit difference| {self.max_abs_diff:.4g} = {self.max_abs_diff / self.output_step:.2f} output steps "
+                f"(step {self.output_step:.4g}, need <= 1)")
+        if self.torch_accuracy is not None:
+            text += f"; accuracy PyTorch {100 * self.torch_accuracy:.2f}% vs onnxruntime {100 * self.onnx_accuracy:.2f}%"
+        return text
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "passed": self.passed}
+
+
+def _plain(output) -> torch.Tensor:
+    output = output[0] if isinstance(output, (tuple, list)) else output
+    return output.value if hasattr(output, "value") and hasattr(output, "scale") else output
+
+
+@torch.no_grad()
+def torch_logits(model: nn.Module, inputs: torch.Tensor, batch_size: int = 256) -> np.ndarray:
+    return np.concatenate([_plain(model(inputs[i:i + batch_size])).float().numpy()
+                           for i in range(0, len(inputs), batch_size)])
+
+
+def onnx_logits(model: bytes | str, inputs: np.ndarray, threads: int = 1, optimize: bool = True,
+                batch_size: int = 256) -> np.ndarray:
+    session = create_session(model, threads, optimize=optimize)
+    name = session.get_inputs()[0].name
+    return np.concatenate([session.run(None, {name: inputs[i:i + batch_size]})[0]
+                           for i in range(0, len(inputs), batch_size)])
+
+
+def compare(model: nn.Module, onnx_model: bytes | str, inputs: torch.Tensor, labels: torch.Tensor | None = None,
+            threads: int = 1) -> Verification:
+    inputs = inputs.float().contiguous()
+    expected = torch_logits(model, inputs)
+    array = inputs.numpy()
+    fused = onnx_logits(onnx_model, array, threads)
+    reference = onnx_logits(onnx_model, array, threads, optimize=False)
+    step = max(float(expected.max() - expected.min()) / 255, np.finfo(np.float32).tiny)
+    top = expected.argmax(1)
+    result = Verification(
+        samples=len(array),
+        agreement=float((fused.argmax(1) == top).mean()),
+        max_abs_diff=float(np.abs(fused - expected).max()),
+        output_step=step,
+        reference_agreement=float((reference.argmax(1) == top).mean()),
+        reference_max_abs_diff=float(np.abs(reference - expected).max()),
+    )
+    if labels is not None:
+        truth = labels.numpy()
+        result.torch_accuracy = float((top == truth).mean())
+        result.onnx_accuracy = float((fused.argmax(1) == truth).mean())
+    return result
