@@ -12,6 +12,7 @@ from pathlib import Path
 import click
 
 from qtool.errors import QtoolError
+from qtool.options import default
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
@@ -62,30 +63,30 @@ def cli():
 @click.option("--config", type=click.Path(dir_okay=False), callback=_load_config, is_eager=True, expose_value=False,
               help="YAML file whose keys set defaults for these options (command-line flags override it).")
 @click.argument("model", required=False)
-@click.option("--data", default="rotated-digits", show_default=True,
+@click.option("--data", default=default("data"), show_default=True,
               help="'rotated-digits', a multi-domain .npz archive, or a DomainBed image folder.")
 @click.option("--target-domain", default=None, help="Held-out domain (leave-one-domain-out). Default: none, all domains are sources.")
-@click.option("--bits", type=int, default=4, show_default=True, help="Weight bits: 1 (binary), 2, 3, 4, 8; 32 trains full precision.")
+@click.option("--bits", type=int, default=default("bits"), show_default=True, help="Weight bits: 1 (binary), 2, 3, 4, 8; 32 trains full precision.")
 @click.option("--act-bits", type=int, default=None, help="Activation bits. Default: same as --bits.")
-@click.option("--method", default="sagm", show_default=True,
+@click.option("--method", default=default("method"), show_default=True,
               help="lsq | sam | gsam | sagm | gaqat (2-8 bits); ste | reste (binary).")
-@click.option("--epochs", type=float, default=8.0, show_default=True, help="QAT epochs over the source training images.")
+@click.option("--epochs", type=float, default=default("epochs"), show_default=True, help="QAT epochs over the source training images.")
 @click.option("--steps", type=int, default=None, help="QAT steps (overrides --epochs).")
-@click.option("--pretrain-epochs", type=float, default=20.0, show_default=True,
+@click.option("--pretrain-epochs", type=float, default=default("pretrain_epochs"), show_default=True,
               help="Full-precision pre-training epochs for a zoo model (cached and reused).")
-@click.option("--pretrain-method", default="sagm", show_default=True, help="Optimizer for pre-training: plain | sam | gsam | sagm.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed for the split, the batch order, augmentation and init.")
-@click.option("--batch-size", type=int, default=128, show_default=True, help="Images per step, split evenly over source domains.")
-@click.option("--lr", type=float, default=2e-4, show_default=True, help="Adam learning rate for QAT (cosine decay).")
-@click.option("--pretrain-lr", type=float, default=1e-3, show_default=True, help="Adam learning rate for pre-training.")
-@click.option("--weight-decay", type=float, default=0.0, show_default=True, help="Adam weight decay.")
-@click.option("--rho", type=float, default=0.05, show_default=True, help="Perturbation radius of SAM/GSAM/SAGM.")
+@click.option("--pretrain-method", default=default("pretrain_method"), show_default=True, help="Optimizer for pre-training: plain | sam | gsam | sagm.")
+@click.option("--seed", type=int, default=default("seed"), show_default=True, help="Seed for the split, the batch order, augmentation and init.")
+@click.option("--batch-size", type=int, default=default("batch_size"), show_default=True, help="Images per step, split evenly over source domains.")
+@click.option("--lr", type=float, default=default("lr"), show_default=True, help="Adam learning rate for QAT (cosine decay).")
+@click.option("--pretrain-lr", type=float, default=default("pretrain_lr"), show_default=True, help="Adam learning rate for pre-training.")
+@click.option("--weight-decay", type=float, default=default("weight_decay"), show_default=True, help="Adam weight decay.")
+@click.option("--rho", type=float, default=default("rho"), show_default=True, help="Perturbation radius of SAM/GSAM/SAGM.")
 @click.option("--alpha", type=float, default=None, help="GSAM's alpha (default 0.1) or SAGM's alpha (default 0.001).")
-@click.option("--first-last-bits", type=int, default=8, show_default=True,
+@click.option("--first-last-bits", type=int, default=default("first_last_bits"), show_default=True,
               help="Bits for the first conv and the last classifier; 0 keeps them in float.")
 @click.option("--image-size", type=int, default=None, help="Resize images to this size (default: the data's size; 28 for rotated-digits).")
-@click.option("--holdout", type=float, default=0.2, show_default=True, help="Fraction of each source domain held out for model selection.")
-@click.option("--evals", type=int, default=8, show_default=True, help="Model-selection evaluations over the run.")
+@click.option("--holdout", type=float, default=default("holdout"), show_default=True, help="Fraction of each source domain held out for model selection.")
+@click.option("--evals", type=int, default=default("evals"), show_default=True, help="Model-selection evaluations over the run.")
 @click.option("--augment/--no-augment", default=True, show_default=True, help="Random small rotations, zooms and shifts.")
 @click.option("--cache/--no-cache", "use_cache", default=True, show_default=True, help="Reuse cached full-precision pre-training.")
 @click.option("--cache-dir", type=click.Path(file_okay=False), default=None, help="Pre-training cache (default ~/.cache/qtool/pretrain).")
@@ -197,6 +198,23 @@ def _parse_shape(text: str) -> tuple[int, ...]:
     return shape
 
 
+@cli.command("build-kernels", context_settings=CONTEXT)
+@click.option("--verbose", "-v", is_flag=True, help="Show the compiler's output.")
+def build_kernels_command(verbose):
+    """Compile the low-bit kernels and the fused fake-quant op into the cache now (otherwise
+    the first use compiles them)."""
+    from qtool.lowbit.build import build_kernels
+    from qtool.quant.fake_quant import _fused
+
+    try:
+        path = build_kernels(verbose=verbose)
+    except Exception as exc:  # noqa: BLE001 - a compiler failure is reported, not a traceback
+        raise QtoolError(f"kernel build failed: {str(exc).strip().splitlines()[0][:300]}") from None
+    click.echo(f"low-bit kernels: {path}")
+    fused = _fused()
+    click.echo(f"fused fake-quant: {'built' if fused is not None else 'unavailable (PyTorch reference in use)'}")
+
+
 def _set_threads(threads: int | None) -> None:
     if threads is None:
         return
@@ -213,8 +231,8 @@ def main(argv: list[str] | None = None) -> None:
     except click.exceptions.Abort:
         print("error: aborted", file=sys.stderr)
         sys.exit(130)
-    except click.ClickException as exc:
-        exc.show()
+    except click.ClickException as exc:  # bad flags: one line like every other user error
+        print(f"error: {exc.format_message()}", file=sys.stderr)
         sys.exit(exc.exit_code)
     except QtoolError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -9,6 +9,7 @@ line on stderr, and use their pure-PyTorch reference.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import sys
 from pathlib import Path
@@ -34,6 +35,17 @@ def notice(message: str) -> None:
     print(f"qtool: {message}", file=sys.stderr)
 
 
+def _import_library(name: str, library: Path):
+    import importlib.util
+
+    import torch  # noqa: F401 - the library links against torch's, which must be loaded first
+
+    spec = importlib.util.spec_from_file_location(name, library)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def load_extension(name: str, sources: list[str], extra_cflags: list[str] | None = None, **kwargs):
     """The compiled module, or ``None`` (after one notice) when it cannot be built or loaded."""
     if name in _loaded:
@@ -45,11 +57,23 @@ def load_extension(name: str, sources: list[str], extra_cflags: list[str] | None
         try:
             from torch.utils.cpp_extension import load
 
-            paths = [str(kernel_source(s)) for s in sources]
-            build = cache_dir() / name
-            build.mkdir(parents=True, exist_ok=True)
-            module = load(name=name, sources=paths, extra_cflags=extra_cflags or ["-O3"],
-                          build_directory=str(build), verbose=False, **kwargs)
+            import torch
+
+            paths = [kernel_source(s) for s in sources]
+            flags = extra_cflags or ["-O3"]
+            # One build folder per (sources, their location, flags, torch): checkouts and torch
+            # versions never rebuild each other's libraries.
+            digest = hashlib.sha256(repr((flags, sorted(kwargs.items()), torch.__version__)).encode())
+            for path in paths:
+                digest.update(str(path).encode() + path.read_bytes())
+            build = cache_dir() / f"{name}-{digest.hexdigest()[:16]}"
+            library = build / f"{name}.so"
+            if library.exists():  # the folder's name already proves it is current: skip ninja
+                module = _import_library(name, library)
+            else:
+                build.mkdir(parents=True, exist_ok=True)
+                module = load(name=name, sources=[str(p) for p in paths], extra_cflags=flags,
+                              build_directory=str(build), verbose=False, **kwargs)
         except Exception as exc:  # noqa: BLE001 - any build/load failure falls back
             reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             notice(f"{name}: C++ extension unavailable ({reason[:160]}); using the PyTorch reference")

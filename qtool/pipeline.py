@@ -10,7 +10,7 @@ import json
 import os
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Callable
 
@@ -23,42 +23,10 @@ from qtool.data import DomainSet, Split, load_domains, split_domains
 from qtool.errors import QtoolError
 from qtool.evaluate import split_accuracies
 from qtool.models import ZOO, build_model
+from qtool.options import VALID_BITS, QuantizeOptions
 from qtool.quant.prepare import prepare
 from qtool.train.methods import get_method, method_names
 from qtool.train.trainer import TrainConfig, Trainer
-
-VALID_BITS = (1, 2, 3, 4, 8, 32)  # 32 = full precision, for "FP trained for the same steps" baselines
-
-
-@dataclass
-class QuantizeOptions:
-    model: str
-    out: str
-    data: str = "rotated-digits"
-    target_domain: str | None = None
-    bits: int = 4
-    act_bits: int | None = None
-    method: str = "sagm"
-    epochs: float = 8.0
-    pretrain_epochs: float = 20.0
-    pretrain_method: str = "sagm"
-    seed: int = 0
-    batch_size: int = 128
-    lr: float = 2e-4
-    pretrain_lr: float = 1e-3
-    weight_decay: float = 0.0
-    rho: float = 0.05
-    alpha: float | None = None
-    first_last_bits: int | None = 8
-    image_size: int | None = None
-    holdout: float = 0.2
-    evals: int = 8
-    steps: int | None = None
-    augment: bool = True
-    cache_dir: str | None = None
-    use_cache: bool = True
-    method_options: dict = field(default_factory=dict)
-
 
 def validate(options: QuantizeOptions) -> None:
     """Reject a bad request before any data is read or any time is spent training."""

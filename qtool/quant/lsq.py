@@ -102,22 +102,28 @@ class LSQQuantizer(nn.Module):
         self.scale.copy_(scale.clamp_min(1e-8).reshape_as(self.scale))
         self.initialized.fill_(True)
 
-    def _mse_scale(self, values: torch.Tensor, candidates: int = 64) -> torch.Tensor:
-        """Per row of ``values``: the step among ``candidates`` clipping levels with least MSE."""
+    def _mse_scale(self, values: torch.Tensor, candidates: int = 16) -> torch.Tensor:
+        """Per row of ``values``: the step with least quantization MSE, by a coarse search over
+        clipping levels in (0, max|x|] followed by a fine search around the best coarse level."""
         # One large activation batch is subsampled: the search only needs the distribution.
         if values.shape[1] > 65536:
             index = torch.linspace(0, values.shape[1] - 1, 65536, device=values.device).long()
             values = values[:, index]
         peak = values.abs().amax(dim=1, keepdim=True).clamp_min(1e-8)
-        fractions = torch.linspace(0.05, 1.0, candidates, device=values.device)
         top = max(abs(self.qmin), self.qmax)
-        steps = (peak * fractions) / top  # rows x candidates
-        # A loop over candidates keeps memory at one copy of the tensor (large convs, 512 channels).
-        error = torch.stack([
-            ((values / step[:, None]).round().clamp(self.qmin, self.qmax) * step[:, None] - values).pow(2).mean(dim=1)
-            for step in steps.unbind(dim=1)  # each: rows
-        ], dim=1)
-        return steps.gather(1, error.argmin(dim=1, keepdim=True)).squeeze(1)
+        width = 1.0 / candidates
+        centre = torch.full_like(peak, 0.5 + width / 2)
+        for span in (1.0, 2 * width):  # coarse over the whole range, then fine around the best
+            fractions = centre + span * (torch.arange(candidates, device=values.device) / (candidates - 1) - 0.5)
+            steps = peak * fractions.clamp(1e-3, 1.0) / top  # rows x candidates
+            # A loop over candidates keeps memory at one copy of the tensor (large convs).
+            error = torch.stack([
+                ((values / step[:, None]).round().clamp(self.qmin, self.qmax) * step[:, None] - values).pow(2).mean(dim=1)
+                for step in steps.unbind(dim=1)
+            ], dim=1)
+            best = error.argmin(dim=1, keepdim=True)
+            centre = fractions.gather(1, best) if fractions.dim() == 2 else fractions[best]
+        return steps.gather(1, best).squeeze(1)
 
     # -- forward ------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,156 @@
+"""JIT build of the qtool kernel extension, cached on disk.
+
+The sources ship as package data (``kernels/`` installs as ``qtool._kernels``), so a wheel can
+build them too; nothing is compiled while pip installs the package. The first use compiles
+(about a minute on two cores); later uses find the library in the cache and only load it.
+
+Cache: ``$QTOOL_KERNEL_CACHE`` or ``~/.cache/qtool/kernels``, one folder per hash of the
+sources, the flags, the compiler, torch and Python, so a change to any of them rebuilds.
+
+Every CPU kernel family (``binary.cpp``, ``lowbit.cpp``) is compiled once per ISA through a
+generated two-line wrapper that defines the ISA macro and includes the family; the library
+picks one build at load time (``cpu/dispatch.cpp``). CUDA sources join the build when torch
+has CUDA and a CUDA toolkit is found.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import shutil
+import sys
+import tempfile
+from importlib import resources
+from pathlib import Path
+
+NAME = "qtool_kernels"
+FAMILIES = ("binary", "lowbit")
+GENERIC_SOURCES = ("registration.cpp", "cpu/ops_cpu.cpp", "cpu/dispatch.cpp", "cpu/layout.cpp", "cpu/im2col.cpp")
+CUDA_SOURCES = ("cuda/kernels.cu", "cuda/ops_cuda.cpp")
+CFLAGS = ("-O3", "-Wall", "-Wno-unused-function")  # torch adds -std=c++20
+
+
+def kernel_dir() -> Path:
+    """The folder holding the C++/CUDA sources (the repository's kernels/ in a checkout)."""
+    return Path(str(resources.files("qtool._kernels")))
+
+
+def is_x86() -> bool:
+    return platform.machine().lower() in ("x86_64", "amd64", "i686", "x86")
+
+
+def isas() -> tuple[str, ...]:
+    return ("avx512", "avx2", "scalar") if is_x86() else ("scalar",)
+
+
+def cuda_enabled() -> bool:
+    import torch
+    from torch.utils import cpp_extension
+
+    return torch.cuda.is_available() and cpp_extension.CUDA_HOME is not None
+
+
+def cache_root() -> Path:
+    root = os.environ.get("QTOOL_KERNEL_CACHE")
+    return Path(root).expanduser() if root else Path.home() / ".cache" / "qtool" / "kernels"
+
+
+def _compiler_identity() -> str:
+    """The compiler torch will run, as its resolved path, size and mtime: cheaper than running
+    it on every import, and it changes when the compiler is upgraded."""
+    compiler = os.environ.get("CXX", "c++")
+    path = shutil.which(compiler)
+    if path is None:
+        return compiler
+    real = os.path.realpath(path)
+    stat = os.stat(real)
+    return f"{compiler}={real}:{stat.st_size}:{stat.st_mtime_ns}"
+
+
+def _flags(with_cuda: bool) -> list[str]:
+    flags = list(CFLAGS)
+    if is_x86():
+        flags.append("-DQTOOL_WITH_X86=1")
+    if with_cuda:
+        flags.append("-DQTOOL_WITH_CUDA=1")
+    return flags
+
+
+def build_id(with_cuda: bool | None = None) -> str:
+    """Hash of everything the compiled library depends on."""
+    import torch
+
+    with_cuda = cuda_enabled() if with_cuda is None else with_cuda
+    digest = hashlib.sha256()
+    root = kernel_dir()
+    for path in sorted(p for p in root.rglob("*") if p.suffix in (".cpp", ".h", ".cu", ".cuh")):
+        digest.update(path.relative_to(root).as_posix().encode())
+        digest.update(path.read_bytes())
+    for part in (_flags(with_cuda), isas(), torch.__version__, sys.version, platform.machine(), _compiler_identity()):
+        digest.update(repr(part).encode())
+    return digest.hexdigest()[:16]
+
+
+def library_path(with_cuda: bool | None = None) -> Path:
+    return cache_root() / build_id(with_cuda) / f"{NAME}.so"
+
+
+def _wrappers(folder: Path) -> list[str]:
+    """One translation unit per (kernel family, ISA): define the ISA, include the family."""
+    folder.mkdir(parents=True, exist_ok=True)
+    sources = []
+    for family in FAMILIES:
+        for isa in isas():
+            path = folder / f"{family}_{isa}.cpp"
+            define = "" if isa == "scalar" else f"#define QTOOL_ISA_{isa.upper()} 1\n"
+            path.write_text(f'{define}#include "{(kernel_dir() / "cpu" / family).as_posix()}.cpp"\n')
+            sources.append(str(path))
+    return sources
+
+
+def build_kernels(verbose: bool = False) -> str:
+    """Compile the extension unless the cache has it; return the library's path.
+
+    Loads the library into this process as a side effect (torch's JIT loader does). Raises on
+    a failed build. Concurrent builds are safe: each compiles in its own folder and the first
+    to finish publishes its result with an atomic rename.
+    """
+    with_cuda = cuda_enabled()
+    target = library_path(with_cuda)
+    if target.exists():
+        return str(target)
+    from torch.utils import cpp_extension
+
+    root = kernel_dir()
+    target.parent.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f"{target.parent.name}.", dir=target.parent.parent))
+    try:
+        sources = [str(root / s) for s in GENERIC_SOURCES] + _wrappers(work / "gen")
+        if with_cuda:
+            sources += [str(root / s) for s in CUDA_SOURCES]
+        cpp_extension.load(
+            name=NAME,
+            sources=sources,
+            extra_cflags=_flags(with_cuda),
+            extra_cuda_cflags=["-O3", "--expt-relaxed-constexpr"] + _flags(with_cuda)[3:],
+            extra_include_paths=[str(root / "include"), str(root / "cpu"), str(root / "cuda")],
+            build_directory=str(work),
+            with_cuda=with_cuda,
+            is_python_module=False,
+            verbose=verbose,
+        )
+        try:
+            work.rename(target.parent)
+        except OSError:  # another process published the same build first
+            pass
+    finally:
+        if work.exists():
+            shutil.rmtree(work, ignore_errors=True)
+    if not target.exists():
+        raise RuntimeError(f"the kernel build finished but {target} is missing")
+    return str(target)
+
+
+if __name__ == "__main__":
+    print(build_kernels(verbose="-v" in sys.argv))

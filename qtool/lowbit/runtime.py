@@ -1,0 +1,293 @@
+"""Run a trained qtool model on the packed kernels.
+
+``convert(model)`` returns a copy for inference in which
+
+- ``QuantLinear`` / ``QuantConv2d`` with weights of at most 4 bits become ``PackedLinear`` /
+  ``PackedConv2d``: integer weight codes packed 4-bit (3-bit codes and narrower use the 3-bit
+  packing), activations quantized by the layer's own input quantizer to int8 codes, products
+  summed exactly in integers (``lowbit_gemm_i8``); activations whose codes do not fit int8
+  (8-bit unsigned) take the fp32 path (``lowbit_gemm``). Same function as the fake-quantized
+  layer, computed in integers instead of floats.
+- binary layers become ``KernelBinaryConv2d`` / ``KernelBinaryLinear`` (XNOR-popcount). A
+  binary layer is recognised through an *adapter*: a function that reads the module and
+  returns a ``BinaryConvSpec`` / ``BinaryLinearSpec`` (weights whose signs are the binary
+  weights, the output scale, bias and geometry), or None when it cannot run on the kernels.
+  ``register_binary_adapter(cls, adapter)`` adds one; ``ReferenceBinaryConv2d`` documents the
+  semantics and has its adapter registered here.
+- every other module (8-bit first/last layers, BatchNorm, ReLU, pooling) stays as it is.
+
+``dequantized(model)`` is the same network in plain fp32 (quantizers and sign functions
+removed, weights replaced by their dequantized values): the "fp32 model" the benchmarks
+compare against. ``bench_checkpoint_model`` serves ``qtool bench CKPT --backend kernels``.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qtool.lowbit import ops
+from qtool.quant.layers import QuantConv2d, QuantizedLayer, QuantLinear
+
+
+# --------------------------------------------------------------------------- binary adapters
+@dataclass
+class BinaryConvSpec:
+    """y = conv2d(sign(x), sign(weight), zero padding) * scale + bias, sign(0) = +1."""
+
+    weight: torch.Tensor  # [O, C, kh, kw]; only the signs matter
+    scale: torch.Tensor  # [O] or [1]
+    bias: torch.Tensor | None
+    stride: tuple[int, int]
+    padding: tuple[int, int]
+    dilation: tuple[int, int]
+
+
+@dataclass
+class BinaryLinearSpec:
+    """y = sign(x) @ sign(weight).T * scale + bias, sign(0) = +1."""
+
+    weight: torch.Tensor  # [O, K]
+    scale: torch.Tensor  # [O] or [1]
+    bias: torch.Tensor | None
+
+
+Adapter = Callable[[nn.Module], "BinaryConvSpec | BinaryLinearSpec | None"]
+BINARY_ADAPTERS: dict[type, Adapter] = {}
+
+
+def register_binary_adapter(cls: type, adapter: Adapter) -> None:
+    """Teach ``convert`` a binary layer class (exact class match, so subclasses opt in)."""
+    BINARY_ADAPTERS[cls] = adapter
+
+
+class ReferenceBinaryConv2d(nn.Conv2d):
+    """The binary convolution the kernels implement: sign(x) and sign(W) with sign(0) = +1, one
+    scale per layer, mean |W| (XNOR-Net), zero padding of the binarized input as F.conv2d does.
+    Used by the tests and benchmarks until qtool's own binary layer has an adapter."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = torch.where(self.weight >= 0, 1.0, -1.0) * self.weight.abs().mean()
+        return F.conv2d(torch.where(x >= 0, 1.0, -1.0), w, self.bias, self.stride, self.padding, self.dilation)
+
+
+def _reference_binary_spec(m: ReferenceBinaryConv2d) -> BinaryConvSpec | None:
+    if m.groups != 1 or m.padding_mode != "zeros" or isinstance(m.padding, str):
+        return None
+    return BinaryConvSpec(m.weight.detach(), m.weight.detach().abs().mean().reshape(1), m.bias,
+                          m.stride, m.padding, m.dilation)
+
+
+register_binary_adapter(ReferenceBinaryConv2d, _reference_binary_spec)
+
+
+# ------------------------------------------------------------------------- kernel modules
+class KernelBinaryConv2d(nn.Module):
+    def __init__(self, spec: BinaryConvSpec):
+        super().__init__()
+        out_channels, self.in_channels, kh, kw = spec.weight.shape
+        self.kernel_size, self.stride = [kh, kw], list(spec.stride)
+        self.padding, self.dilation = list(spec.padding), list(spec.dilation)
+        self.register_buffer("weight_bits", ops.pack_conv_weight_binary(spec.weight.detach().float()))
+        self.register_buffer("scale", spec.scale.detach().float().reshape(-1).contiguous())
+        self.register_buffer("bias", None if spec.bias is None else spec.bias.detach().float().reshape(1, -1, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.ops.qtool.binary_conv2d(x, self.weight_bits, self.in_channels, self.kernel_size, self.stride,
+                                          self.padding, self.dilation, self.scale)
+        return y if self.bias is None else y + self.bias
+
+
+class KernelBinaryLinear(nn.Module):
+    def __init__(self, spec: BinaryLinearSpec):
+        super().__init__()
+        self.in_features = spec.weight.shape[1]
+        self.register_buffer("weight_bits", torch.ops.qtool.pack_binary(spec.weight.detach().float().contiguous()))
+        self.register_buffer("scale", spec.scale.detach().float().reshape(-1).contiguous())
+        self.register_buffer("bias", None if spec.bias is None else spec.bias.detach().float())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.ops.qtool.binary_gemm(torch.ops.qtool.pack_binary(x.float()), self.weight_bits, self.in_features,
+                                        self.scale)
+        return y if self.bias is None else y + self.bias
+
+
+def _packed_bits(layer: QuantizedLayer) -> int | None:
+    """The packing (4 or 3) for the layer's weight codes, or None when they do not fit."""
+    q = layer.weight_quantizer
+    if q.qmin >= -4 and q.qmax <= 3:
+        return 3
+    if q.qmin >= -8 and q.qmax <= 7:
+        return 4
+    return None
+
+
+class _PackedLayer(nn.Module):
+    """Packed weights and the input quantizer's step of one quantized layer."""
+
+    def __init__(self, layer: QuantizedLayer, bits: int):
+        super().__init__()
+        wq, aq = layer.weight_quantizer, layer.input_quantizer
+        if not (bool(wq.initialized) and bool(aq.initialized)):
+            raise ValueError("the layer's quantizers are not initialised: run a batch through the model first")
+        self.bits = bits
+        codes = wq.quantize_int(layer.weight.detach())
+        self.in_features = codes[0].numel()
+        self.register_buffer("weight_packed", ops.pack_weights(codes.reshape(codes.shape[0], -1), bits))
+        scale = wq.scale.detach().float().reshape(-1, 1)
+        self.register_buffer("weight_scale", scale.expand(codes.shape[0], 1).contiguous())
+        self.register_buffer("bias", None if layer.bias is None else layer.bias.detach().float())
+        self.register_buffer("act_step", aq.scale.detach().float().reshape(()))
+        self.act_qmin, self.act_qmax = aq.qmin, aq.qmax
+        self.int8_activations = -128 <= aq.qmin and aq.qmax <= 127
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """Rows [M, K] through the layer's quantizer and weights, plus bias: [M, N]."""
+        codes = torch.clamp(x / self.act_step, self.act_qmin, self.act_qmax).round()  # as LSQ's forward
+        K, group = self.in_features, self.in_features
+        if self.int8_activations:
+            steps = self.act_step.expand(codes.shape[0]).contiguous()
+            y = torch.ops.qtool.lowbit_gemm_i8(codes.to(torch.int8), steps, self.weight_packed, self.weight_scale,
+                                               self.bits, K, group)
+        else:
+            y = torch.ops.qtool.lowbit_gemm(codes * self.act_step, self.weight_packed, self.weight_scale, self.bits,
+                                            K, group)
+        return y if self.bias is None else y + self.bias
+
+
+class PackedLinear(_PackedLayer):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, x.shape[-1]).float()
+        return self.matmul(rows).reshape(*x.shape[:-1], -1)
+
+
+class PackedConv2d(_PackedLayer):
+    def __init__(self, layer: QuantConv2d, bits: int):
+        super().__init__(layer, bits)
+        self.kernel_size, self.stride = layer.kernel_size, layer.stride
+        self.padding, self.dilation = layer.padding, layer.dilation
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, _, h, w = x.shape
+        oh = (h + 2 * self.padding[0] - self.dilation[0] * (self.kernel_size[0] - 1) - 1) // self.stride[0] + 1
+        ow = (w + 2 * self.padding[1] - self.dilation[1] * (self.kernel_size[1] - 1) - 1) // self.stride[1] + 1
+        # Zero padding is code 0, so unfolding before quantizing equals quantizing then padding.
+        cols = F.unfold(x.float(), self.kernel_size, self.dilation, self.padding, self.stride)  # [N, C*kh*kw, L]
+        y = self.matmul(cols.transpose(1, 2).reshape(n * oh * ow, -1))
+        return y.view(n, oh, ow, -1).permute(0, 3, 1, 2)
+
+
+# ----------------------------------------------------------------------------- conversion
+@dataclass
+class Conversion:
+    model: nn.Module
+    converted: dict[str, str]  # layer name -> kernel ("int4", "int3", "binary")
+    kept: dict[str, str]  # quantized layer name -> why it stays in PyTorch
+
+
+def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+
+
+def convert(model: nn.Module) -> Conversion:
+    """A copy of ``model`` (in eval mode) whose low-bit layers run on the kernels."""
+    model = copy.deepcopy(model).eval()
+    converted, kept = {}, {}
+    for name, module in list(model.named_modules()):
+        adapter = BINARY_ADAPTERS.get(type(module))
+        if adapter is not None:
+            spec = adapter(module)
+            if spec is None:
+                kept[name] = "binary layer the kernels cannot run (groups, padding mode)"
+            else:
+                kernel = KernelBinaryConv2d(spec) if isinstance(spec, BinaryConvSpec) else KernelBinaryLinear(spec)
+                _replace(model, name, kernel)
+                converted[name] = "binary"
+        elif isinstance(module, QuantizedLayer):
+            bits = _packed_bits(module)
+            if bits is None:
+                kept[name] = f"{module.bits}-bit weights (kernels take at most 4)"
+            elif isinstance(module, QuantConv2d) and (module.groups != 1 or module.padding_mode != "zeros"
+                                                      or isinstance(module.padding, str)):
+                kept[name] = "grouped or non-zero-padded convolution"
+            else:
+                packed = PackedConv2d(module, bits) if isinstance(module, QuantConv2d) else PackedLinear(module, bits)
+                _replace(model, name, packed)
+                converted[name] = f"int{bits}"
+    return Conversion(model, converted, kept)
+
+
+def dequantized(model: nn.Module) -> nn.Module:
+    """The same network in plain fp32: quantized and binary layers become nn.Conv2d/nn.Linear
+    holding their dequantized weights, with no activation quantization or sign."""
+    model = copy.deepcopy(model).eval()
+    for name, module in list(model.named_modules()):
+        adapter = BINARY_ADAPTERS.get(type(module))
+        spec = adapter(module) if adapter is not None else None
+        if spec is not None:
+            weight = torch.where(spec.weight >= 0, 1.0, -1.0) * spec.scale.reshape(-1, *[1] * (spec.weight.dim() - 1))
+            plain = _plain_like(module, weight, spec.bias)
+        elif isinstance(module, QuantizedLayer):
+            plain = _plain_like(module, module.quantized_weight().detach(), module.bias)
+        else:
+            continue
+        _replace(model, name, plain)
+    return model
+
+
+def _plain_like(module: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
+    if isinstance(module, nn.Conv2d):
+        plain = nn.Conv2d(module.in_channels, module.out_channels, module.kernel_size, module.stride, module.padding,
+                          module.dilation, module.groups, bias is not None, module.padding_mode)
+    else:
+        plain = nn.Linear(weight.shape[1], weight.shape[0], bias is not None)
+    with torch.no_grad():
+        plain.weight.copy_(weight)
+        if bias is not None:
+            plain.bias.copy_(bias)
+    return plain.eval()
+
+
+# ------------------------------------------------------------------------------ benchmark
+@torch.no_grad()
+def bench_checkpoint_model(model: nn.Module, example_input: torch.Tensor, threads: int | list[int] = (1, 2),
+                           repeats: int = 20) -> dict:
+    """Latency of ``model`` on the kernels against the same network in fp32 (``dequantized``)
+    and as trained (fake quantization in PyTorch), plus how far the outputs drift."""
+    from qtool.lowbit.bench import median_ms, paired_median_ms
+
+    model = model.eval()
+    conversion = convert(model)
+    fp32 = dequantized(model)
+    reference_out, kernel_out = model(example_input), conversion.model(example_input)
+    drift = (kernel_out - reference_out).abs().max().item()
+    agreement = None
+    if reference_out.dim() == 2 and reference_out.shape[1] > 1:
+        agreement = (kernel_out.argmax(1) == reference_out.argmax(1)).float().mean().item()
+    rows = []
+    previous = torch.get_num_threads()
+    try:
+        for t in [threads] if isinstance(threads, int) else list(threads):
+            torch.set_num_threads(t)
+            # fp32 and the kernels alternate (same machine state); the fake-quant model is informative
+            times = {"fake_quant": median_ms(lambda: model(example_input), repeats)}
+            times["kernels"], times["fp32"] = paired_median_ms(lambda: conversion.model(example_input),
+                                                               lambda: fp32(example_input), repeats)
+            rows.append({"threads": t, "fp32_ms": times["fp32"], "fake_quant_ms": times["fake_quant"],
+                         "kernels_ms": times["kernels"], "speedup": times["fp32"] / times["kernels"]})
+    finally:
+        torch.set_num_threads(previous)
+    return {"backend": ops.backend(), "isa": ops.isa(), "input_shape": list(example_input.shape),
+            "converted": conversion.converted, "kept": conversion.kept, "max_abs_diff": drift,
+            "top1_agreement": agreement, "results": rows}
+
+
+__all__ = ["BinaryConvSpec", "BinaryLinearSpec", "Conversion", "KernelBinaryConv2d", "KernelBinaryLinear",
+           "PackedConv2d", "PackedLinear", "ReferenceBinaryConv2d", "bench_checkpoint_model",
+           "convert", "dequantized", "register_binary_adapter"]

@@ -1,0 +1,46 @@
+"""The options of ``qtool quantize``, in a torch-free module: the CLI reads its defaults here,
+so a default is written once, and ``qtool bench`` on an edge device never imports torch."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+
+VALID_BITS = (1, 2, 3, 4, 8, 32)  # 32 = full precision, for "FP trained for the same steps" baselines
+
+
+@dataclass
+class QuantizeOptions:
+    model: str
+    out: str
+    data: str = "rotated-digits"
+    target_domain: str | None = None
+    bits: int = 4
+    act_bits: int | None = None
+    method: str = "sagm"
+    epochs: float = 6.0
+    pretrain_epochs: float = 15.0
+    pretrain_method: str = "sagm"
+    seed: int = 0
+    batch_size: int = 128
+    lr: float = 2e-4
+    pretrain_lr: float = 1e-3
+    weight_decay: float = 0.0
+    rho: float = 0.05
+    alpha: float | None = None
+    first_last_bits: int | None = 8
+    image_size: int | None = None
+    holdout: float = 0.2
+    evals: int = 8
+    steps: int | None = None
+    augment: bool = True
+    cache_dir: str | None = None
+    use_cache: bool = True
+    method_options: dict = field(default_factory=dict)
+
+
+def default(name: str):
+    """The default of one option (for the CLI's ``--help``)."""
+    for item in fields(QuantizeOptions):
+        if item.name == name:
+            return item.default
+    raise KeyError(name)
