@@ -303,20 +303,30 @@ def lsq_grid(quantizer, layer: str) -> Grid:
     if not bool(quantizer.initialized):
         raise ExportError(f"{layer}: its activation quantizer was never run (no scale yet); "
                           "run a batch of data through the model (or train it) before exporting")
-    return Grid(float(quantizer.scale.detach().reshape(-1)[0]), 0, quantizer.qmin, quantizer.qmax)
+    scale = float(quantizer.scale.detach().reshape(-1)[0])
+    if scale == 0 or not np.isfinite(scale):
+        raise ExportError(f"{layer}: its activation quantizer has scale {scale}; the model cannot be exported")
+    if scale < 0:  # LSQ does not keep its step positive; s < 0 is the mirrored grid with step |s|
+        return Grid(-scale, 0, -quantizer.qmax, -quantizer.qmin)
+    return Grid(scale, 0, quantizer.qmin, quantizer.qmax)
 
 
 def lsq_weights(layer: nn.Module, name: str) -> Weights:
-    """The codes the forward pass uses: round(fake_quant(w) / scale) reproduces them exactly."""
+    """The codes the forward pass uses: round(fake_quant(w) / |scale|) reproduces them exactly
+    (a negative learned step just mirrors the codes, and the grid is symmetric)."""
     quantizer = layer.weight_quantizer
     if not bool(quantizer.initialized):
         raise ExportError(f"{name}: its weight quantizer was never run; run a batch or train before exporting")
     with torch.no_grad():
-        scale = quantizer.scale.detach().reshape(-1)
+        scale = quantizer.scale.detach().reshape(-1).abs()
+        if bool((scale == 0).any()):
+            raise ExportError(f"{name}: a weight scale is zero; the model cannot be exported")
         fake = quantizer(layer.weight.detach())
         broadcast = scale.reshape((-1,) + (1,) * (fake.dim() - 1)) if scale.numel() > 1 else scale
         codes = torch.round(fake / broadcast).to(torch.int32).numpy()
-    return Weights(codes, per_channel(float_array(scale), layer.weight.shape[0]), quantizer.qmin, quantizer.qmax)
+    widest = max(-quantizer.qmin, quantizer.qmax)
+    lo, hi = (quantizer.qmin, quantizer.qmax) if bool((quantizer.scale > 0).all()) else (-widest, widest)
+    return Weights(codes, per_channel(float_array(scale), layer.weight.shape[0]), lo, hi)
 
 
 def _register_qtool_layers() -> None:

@@ -64,7 +64,7 @@ class _Recorder(fx.Interpreter):
         if isinstance(value, torch.Tensor) and value.is_floating_point():
             # Recorded before the next node runs: an in-place ReLU later cannot change it.
             self.shapes.setdefault(node.name, tuple(value.shape[1:]))
-            low, high = float(value.min()), float(value.max())
+            low, high = (float(v) for v in torch.aminmax(value))
             old = self.ranges.get(node.name, (low, high))
             self.ranges[node.name] = (min(old[0], low), max(old[1], high))
         elif node.op != "output":

@@ -28,7 +28,7 @@ from qtool.exporters.verify import Verification, VerificationError, compare
 from qtool.onnxrt import float_layers, optimized_census
 
 WEIGHT_STORAGES = ("int8", "int4")
-RESIDUAL_MODES = ("int8", "float")
+NUMERICS = ("fast", "faithful")
 DEFAULT_OPSET = {"int8": 17, "int4": 21}
 MAX_OPSET = 26  # the newest onnxruntime 1.32 loads
 
@@ -91,7 +91,7 @@ def _check_kernels(census: dict[str, int], quantized: int, floating: int) -> Non
 def export(model: nn.Module, example_input: torch.Tensor, path: str | os.PathLike, *,
            verify: torch.Tensor | None = None, labels: torch.Tensor | None = None,
            calibration: torch.Tensor | None = None, weight_storage: str = "int8", opset: int | None = None,
-           residual: str = "int8", threads: int = 1) -> ExportResult:
+           numerics: str = "fast", threads: int = 1) -> ExportResult:
     """Export ``model`` (qtool-prepared, Brevitas, or plain float) to ``path``.
 
     ``example_input`` fixes the input shape (any batch size). ``calibration`` (default: the
@@ -100,8 +100,8 @@ def export(model: nn.Module, example_input: torch.Tensor, path: str | os.PathLik
     ``VerificationError`` when they disagree beyond the tolerances (nothing is written then).
     """
     opset = _opset(weight_storage, opset)
-    if residual not in RESIDUAL_MODES:
-        raise QtoolError(f"residual must be one of {', '.join(RESIDUAL_MODES)}, got {residual!r}")
+    if numerics not in NUMERICS:
+        raise QtoolError(f"numerics must be one of {', '.join(NUMERICS)}, got {numerics!r}")
     path = check_output_path(path)
     calibration = example_input if calibration is None else calibration
     was_training = model.training
@@ -110,7 +110,7 @@ def export(model: nn.Module, example_input: torch.Tensor, path: str | os.PathLik
         graph = capture(model, calibration.float())
         calibration_ranges_are_finite(graph)
         prepare_graph(graph)
-        onnx_model = OnnxBuilder(graph, weight_storage, opset, residual).build()
+        onnx_model = OnnxBuilder(graph, weight_storage, opset, numerics).build()
         try:
             onnx.checker.check_model(onnx_model, full_check=True)
         except onnx.checker.ValidationError as exc:

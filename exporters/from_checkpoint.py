@@ -31,7 +31,7 @@ class ExportOptions:
     verify: int = 0
     calibration: int = 512
     weight_storage: str = "int8"
-    residual: str = "int8"
+    numerics: str = "fast"
     opset: int | None = None
     weights: str | None = None
     input_shape: tuple[int, ...] | None = None
@@ -134,6 +134,6 @@ def export_source(options: ExportOptions) -> tuple[ExportResult, str | None]:
     calibration, verify, labels, domain = _images(options, loaded)
     example = calibration[:1]
     result = export(loaded.model, example, options.out, verify=verify, labels=labels, calibration=calibration,
-                    weight_storage=options.weight_storage, opset=options.opset, residual=options.residual,
+                    weight_storage=options.weight_storage, opset=options.opset, numerics=options.numerics,
                     threads=options.threads)
     return result, domain if verify is not None else None

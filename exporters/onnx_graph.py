@@ -65,9 +65,9 @@ def widening(weights: Weights, input_grid: Grid) -> np.ndarray:
 
 
 class OnnxBuilder:
-    def __init__(self, graph: Graph, weight_storage: str = "int8", opset: int = 17, residual: str = "int8"):
+    def __init__(self, graph: Graph, weight_storage: str = "int8", opset: int = 17, numerics: str = "fast"):
         self.graph = graph
-        self.residual = residual
+        self.numerics = numerics
         self.weight_storage = weight_storage
         self.opset = opset
         self.nodes: list[onnx.NodeProto] = []
@@ -76,6 +76,8 @@ class OnnxBuilder:
         self.floats: dict[str, str] = {}
         self._constants: dict[tuple, str] = {}
         self._clips: dict[tuple, str] = {}
+        self.approximate: set[str] = set()  # IR tensors whose codes approximate a float PyTorch tensor
+        self._widened: dict[tuple, str] = {}
         self._names: set[str] = set()
 
     # -- names, constants, nodes --------------------------------------------------------------
@@ -141,19 +143,22 @@ class OnnxBuilder:
             return value
         if grid is None:
             grid = calibrated_grid(self.graph, tensor)
-            self.graph.notes.append(f"{tensor}: float in PyTorch, quantized to 8 bits (calibrated) for integer kernels")
+            self.approximated(tensor, "float in PyTorch, quantized to 8 bits (calibrated) for an integer kernel")
         value = self.quantize(self.float_of(tensor), grid, tensor)
         self.ints[tensor] = value
         return value
+
+    def approximated(self, tensor: str, why: str) -> None:
+        """Record that ``tensor``'s integer codes only approximate PyTorch's float values."""
+        self.approximate.add(tensor)
+        self.graph.notes.append(f"{tensor}: {why}")
 
     # -- weights ------------------------------------------------------------------------------
     def weight(self, op: Op, weights: Weights, multiplier: np.ndarray) -> str:
         """DQ(codes * multiplier, scale / multiplier): the trained weight values (see ``widening``)."""
         shape = (-1,) + (1,) * (weights.codes.ndim - 1)
         if self.weight_storage == "int4" and weights.bits <= 4:
-            packed = self.fresh(f"{op.output}_w_int4")
-            codes = weights.codes.reshape(-1).tolist()
-            self.initializers.append(helper.make_tensor(packed, TensorProto.INT4, weights.codes.shape, codes))
+            packed = self.int4_initializer(op, weights.codes)
             # Cast and Mul of constants: onnxruntime folds them into an int8 initializer at load.
             stored = self.node("Mul", [self.node("Cast", [packed], f"{op.output}_w_int8", to=TensorProto.INT8),
                                        self.constant(multiplier.astype(np.int8).reshape(shape), f"{op.output}_w_mul")],
@@ -164,6 +169,16 @@ class OnnxBuilder:
         # An explicit zero point: onnxruntime's Gemm -> QGemm fusion does not fire without one.
         zero_point = self.constant(np.zeros(len(weights.scale), np.int8), "w_zero_point")
         return self.node("DequantizeLinear", [stored, scale, zero_point], f"{op.output}_w_dq", axis=0)
+
+    def int4_initializer(self, op: Op, codes: np.ndarray) -> str:
+        """An INT4 tensor in raw_data, two codes per byte, the first in the low nibble (ONNX's layout)."""
+        nibbles = (codes.reshape(-1).astype(np.int64) & 0xF).astype(np.uint8)
+        if len(nibbles) % 2:
+            nibbles = np.append(nibbles, np.uint8(0))
+        packed = nibbles[0::2] | (nibbles[1::2] << 4)
+        name = self.fresh(f"{op.output}_w_int4")
+        self.initializers.append(helper.make_tensor(name, TensorProto.INT4, codes.shape, packed.tobytes(), raw=True))
+        return name
 
     def bias(self, op: Op, input_grid: Grid, weight_scale: np.ndarray) -> str | None:
         bias = op.attrs["bias"]
@@ -205,28 +220,45 @@ class OnnxBuilder:
             return self._float_weighted(op)
         x = self.int_of(op.inputs[0])  # a weight-only quantized layer gets a calibrated input grid
         grid, exact = output_grid(self.graph, op.output)
-        if not exact and self.residual == "float":
+        if not exact and self.numerics == "faithful":
             if op.kind == "conv":  # PyTorch keeps this output in float: so does the graph, exactly
                 self.floats[op.output] = self._conv_integer(op, x, weights)
                 return
             grid = None  # a linear layer: QGemm with a float output
         elif not exact and op.kind == "linear":
             grid = None
-        multiplier = widening(weights, x.grid)
-        inputs = [self.dequantized(op.inputs[0]), self.weight(op, weights, multiplier)]
-        bias = self.bias(op, x.grid, weights.scale / multiplier)
+        codes, grid_in = self.kernel_input(op.inputs[0])
+        multiplier = widening(weights, grid_in)
+        inputs = [self.node("DequantizeLinear", [codes, *self.grid_constants(grid_in)], f"{op.inputs[0]}_dq"),
+                  self.weight(op, weights, multiplier)]
+        bias = self.bias(op, grid_in, weights.scale / multiplier)
         if bias is not None:
             inputs.append(bias)
         y = self._compute(op, inputs)
         if grid is None:
             self.floats[op.output] = y  # QGemm with a float output: the logits stay exact
             return
-        if not exact:
-            self.graph.notes.append(f"{op.layer}: output is float in PyTorch; written on a calibrated 8-bit grid "
-                                    f"(scale {grid.scale:.4g}) so that it runs as QLinearConv")
         self.ints[op.output] = self.quantize(y, grid, op.output)
+        if not exact:
+            self.approximated(op.output, f"output of {op.layer}, float in PyTorch, written on a calibrated 8-bit "
+                                         f"grid (step {grid.scale:.4g}) so that it runs as QLinearConv")
 
     _conv = _linear = _weighted
+
+    def kernel_input(self, tensor: str) -> tuple[str, Grid]:
+        """The codes an integer kernel reads, and their grid. In faithful numerics an unsigned
+        2-7 bit grid is widened: codes times n (17 at 4 bits) on a step n times smaller, the same
+        values, so the int32 bias of the next kernel is rounded to a unit n times finer."""
+        value = self.materialize(tensor)
+        factor = 255 // max(value.hi, 1)
+        if self.numerics != "faithful" or value.grid.zero_point != 0 or value.lo < 0 or factor < 2:
+            return value.name, value.grid
+        key = (value.name, factor)
+        if key not in self._widened:
+            self._widened[key] = self.node("Mul", [value.name, self.constant(np.array(factor, np.uint8), f"times_{factor}")],
+                                           f"{tensor}_widened")
+        grid = value.grid
+        return self._widened[key], Grid(grid.scale / factor, 0, 0, 255)
 
     def _conv_integer(self, op: Op, x: IntValue, weights: Weights) -> str:
         """ConvInteger (exact int32 accumulators) -> float scale and bias: a quantized conv whose
@@ -234,9 +266,7 @@ class OnnxBuilder:
         128): onnxruntime's ConvInteger is several times slower with int8 weights."""
         shape = (1, -1, 1, 1)
         if self.weight_storage == "int4" and weights.bits <= 4:
-            packed = self.fresh(f"{op.output}_w_int4")
-            self.initializers.append(helper.make_tensor(packed, TensorProto.INT4, weights.codes.shape,
-                                                        weights.codes.reshape(-1).tolist()))
+            packed = self.int4_initializer(op, weights.codes)
             wide = self.node("Cast", [packed], f"{op.output}_w_int32", to=TensorProto.INT32)
             shifted = self.node("Add", [wide, self.constant(np.array(128, np.int32), "offset_128_i32")], f"{op.output}_w_shift")
             codes = self.node("Cast", [shifted], f"{op.output}_w_u8", to=TensorProto.UINT8)
@@ -294,17 +324,21 @@ class OnnxBuilder:
         self.floats[op.output] = self.node("Clip", [self.float_of(op.inputs[0])] + bounds, op.output)
 
     def _add(self, op: Op) -> None:
-        if self.residual == "float" or not any(name in self.ints for name in op.inputs):
+        """QLinearAdd when the sum is on a grid anyway (both operands and the result quantized in
+        the model, e.g. Brevitas' QuantIdentity at the join), or in fast numerics; in faithful
+        numerics otherwise a float Add, as in PyTorch."""
+        grid, exact = output_grid(self.graph, op.output)
+        on_grids = exact and all(name in self.ints and name not in self.approximate for name in op.inputs)
+        if not on_grids and (self.numerics == "faithful" or not any(name in self.ints for name in op.inputs)):
             self.floats[op.output] = self.node("Add", [self.float_of(name) for name in op.inputs], op.output)
             return
-        grid, _ = output_grid(self.graph, op.output)
-        self.graph.notes.append(f"{op.layer}: residual add computed on 8-bit inputs and output (QLinearAdd); "
-                                "float in PyTorch")
         for name in op.inputs:
             self.int_of(name)  # a float operand gets a calibrated uint8 grid; every grid is uint8
-        operands = [self.dequantized(name) for name in op.inputs]
-        total = self.node("Add", operands, op.output)
+        total = self.node("Add", [self.dequantized(name) for name in op.inputs], op.output)
         self.ints[op.output] = self.quantize(total, grid, op.output)
+        if not on_grids:
+            self.approximated(op.output, "residual sum, float in PyTorch, computed on 8-bit operands and result "
+                                         "(QLinearAdd)")
 
     def _movement(self, op: Op, op_type: str, **attrs) -> None:
         inputs = list(op.inputs)

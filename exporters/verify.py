@@ -2,11 +2,11 @@
 
 Pass criteria (``qtool export --verify N``):
 - top-1 agreement >= 99.5 % between onnxruntime's integer kernels and the PyTorch model;
-- no logit differs by more than one *output step*: the step of an 8-bit quantizer spanning
-  the PyTorch logits' range over the samples, ``(max - min) / 255``. Integer kernels reorder
-  float math and residual joins are requantized to 8 bits, so a few codes flip near rounding
-  boundaries; a difference within one such step is one an 8-bit deployment could not tell
-  apart, a larger one means the graph computes something else.
+- on >= 99.5 % of the samples, every logit within one *output step* of PyTorch's: the step of
+  an 8-bit quantizer spanning the PyTorch logits' range, ``(max - min) / 255``. The same 0.5 %
+  allowance as for top-1: in a 4-bit network a code that flips at a rounding boundary (float
+  summation order, the int32 bias the integer kernels need) moves the next layers by whole
+  steps, so a rare sample differs by more even between PyTorch in float32 and float64.
 
 The same inputs also run with onnxruntime's graph optimizations off (``reference``): that is the
 ONNX graph's own float QDQ semantics, and separates an exporter bug (reference already off)
@@ -35,6 +35,7 @@ class VerificationError(QtoolError):
 class Verification:
     samples: int
     agreement: float             # top-1, fused integer kernels vs PyTorch
+    within_step: float           # fraction of samples whose logits are all within one output step
     max_abs_diff: float          # largest logit difference, fused vs PyTorch
     output_step: float           # one step of an 8-bit grid over the PyTorch logits' range
     reference_agreement: float   # onnxruntime without graph optimizations vs PyTorch
@@ -44,12 +45,12 @@ class Verification:
 
     @property
     def passed(self) -> bool:
-        return self.agreement >= MIN_AGREEMENT and self.max_abs_diff <= self.output_step
+        return self.agreement >= MIN_AGREEMENT and self.within_step >= MIN_AGREEMENT
 
     def summary(self) -> str:
-        text = (f"top-1 agreement {100 * self.agreement:.2f}% on {self.samples} samples (need >= {100 * MIN_AGREEMENT:.1f}%), "
-                f"max |logit difference| {self.max_abs_diff:.4g} = {self.max_abs_diff / self.output_step:.2f} output steps "
-                f"(step {self.output_step:.4g}, need <= 1)")
+        text = (f"top-1 agreement {100 * self.agreement:.2f}% on {self.samples} samples, logits within one output step "
+                f"(step {self.output_step:.4g}) on {100 * self.within_step:.2f}% of them (need >= {100 * MIN_AGREEMENT:.1f}% "
+                f"for both); largest difference {self.max_abs_diff / self.output_step:.1f} steps")
         if self.torch_accuracy is not None:
             text += f"; accuracy PyTorch {100 * self.torch_accuracy:.2f}% vs onnxruntime {100 * self.onnx_accuracy:.2f}%"
         return text
@@ -89,6 +90,7 @@ def compare(model: nn.Module, onnx_model: bytes | str, inputs: torch.Tensor, lab
     result = Verification(
         samples=len(array),
         agreement=float((fused.argmax(1) == top).mean()),
+        within_step=float((np.abs(fused - expected).max(axis=1) <= step).mean()),
         max_abs_diff=float(np.abs(fused - expected).max()),
         output_step=step,
         reference_agreement=float((reference.argmax(1) == top).mean()),
