@@ -81,16 +81,21 @@ class OnnxBuilder:
         self._names: set[str] = set()
 
     # -- names, constants, nodes --------------------------------------------------------------
-    def fresh(self, hint: str) -> str:
+    def fresh(self, hint: str, readable: bool = False) -> str:
+        """A unique tensor name. Only layer outputs keep their PyTorch-derived name; the Q/DQ/Clip
+        plumbing gets short ones (``t17``), because names repeated over a few hundred nodes
+        are several percent of a small model's file."""
+        if not readable:
+            hint = "t"
         name, index = hint, 1
         while name in self._names:
-            name, index = f"{hint}_{index}", index + 1
+            name, index = f"{hint}{index}" if not readable else f"{hint}_{index}", index + 1
         self._names.add(name)
         return name
 
-    def node(self, op_type: str, inputs: list[str], hint: str, **attrs) -> str:
-        output = self.fresh(hint)
-        self.nodes.append(helper.make_node(op_type, inputs, [output], name=output, **attrs))
+    def node(self, op_type: str, inputs: list[str], hint: str, readable: bool = False, **attrs) -> str:
+        output = self.fresh(hint, readable)
+        self.nodes.append(helper.make_node(op_type, inputs, [output], **attrs))  # unnamed: the output names it
         return output
 
     def constant(self, array: np.ndarray, hint: str) -> str:
@@ -219,7 +224,7 @@ class OnnxBuilder:
         if weights is None:
             return self._float_weighted(op)
         x = self.int_of(op.inputs[0])  # a weight-only quantized layer gets a calibrated input grid
-        grid, exact = output_grid(self.graph, op.output)
+        grid, exact = output_grid(self.graph, op.output, share=self.numerics == "fast")
         if not exact and self.numerics == "faithful":
             if op.kind == "conv":  # PyTorch keeps this output in float: so does the graph, exactly
                 self.floats[op.output] = self._conv_integer(op, x, weights)
@@ -297,9 +302,9 @@ class OnnxBuilder:
             if len(self.graph.shapes.get(op.inputs[0], (0,))) != 1:
                 raise ExportError(f"{op.layer}: Linear on a {len(self.graph.shapes[op.inputs[0]]) + 1}-D input "
                                   "cannot be exported; flatten to (batch, features) first")
-            return self.node("Gemm", inputs, op.output, transB=1)
+            return self.node("Gemm", inputs, op.output, readable=True, transB=1)
         pads = list(op.attrs["padding"]) * 2
-        return self.node("Conv", inputs, op.output, strides=list(op.attrs["stride"]), pads=pads,
+        return self.node("Conv", inputs, op.output, readable=True, strides=list(op.attrs["stride"]), pads=pads,
                          dilations=list(op.attrs["dilation"]), group=op.attrs["groups"])
 
     def _clamp_codes(self, op: Op, lo: float | None, hi: float | None) -> None:
@@ -327,7 +332,7 @@ class OnnxBuilder:
         """QLinearAdd when the sum is on a grid anyway (both operands and the result quantized in
         the model, e.g. Brevitas' QuantIdentity at the join), or in fast numerics; in faithful
         numerics otherwise a float Add, as in PyTorch."""
-        grid, exact = output_grid(self.graph, op.output)
+        grid, exact = output_grid(self.graph, op.output, share=self.numerics == "fast")
         on_grids = exact and all(name in self.ints and name not in self.approximate for name in op.inputs)
         if not on_grids and (self.numerics == "faithful" or not any(name in self.ints for name in op.inputs)):
             self.floats[op.output] = self.node("Add", [self.float_of(name) for name in op.inputs], op.output)
@@ -414,7 +419,7 @@ class OnnxBuilder:
             self.emit(op)
         names = ["logits"] if len(graph.outputs) == 1 else [f"output_{i}" for i in range(len(graph.outputs))]
         for tensor, name in zip(graph.outputs, names):
-            self.nodes.append(helper.make_node("Identity", [self.float_of(tensor)], [name], name=f"{name}_out"))
+            self.nodes.append(helper.make_node("Identity", [self.float_of(tensor)], [name]))
         inputs = [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", *graph.input_shape])]
         outputs = [helper.make_tensor_value_info(name, TensorProto.FLOAT, ["batch", *graph.shapes[tensor]])
                    for tensor, name in zip(graph.outputs, names)]

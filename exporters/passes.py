@@ -82,8 +82,12 @@ def clamp_chain_end(graph: Graph, tensor: str) -> str:
         tensor = users[0].output
 
 
-def output_grid(graph: Graph, tensor: str) -> tuple[Grid, bool]:
-    """(grid, exact) for the integer tensor that a conv/add writes as ``tensor``."""
+def output_grid(graph: Graph, tensor: str, share: bool = False) -> tuple[Grid, bool]:
+    """(grid, exact) for the integer tensor that a conv/add writes as ``tensor``.
+
+    ``share``: when a learned quantizer reads the tensor, reuse its step outright (as long as
+    255 steps cover the calibrated range), so that quantizer needs no requantization at run
+    time, only its Clip; other readers (the residual path) see that coarser step."""
     end = clamp_chain_end(graph, tensor)
     users = graph.consumers(end)
     grids = [op.attrs["grid"].as_uint8() for op in users if op.kind == "quant"]
@@ -91,10 +95,10 @@ def output_grid(graph: Graph, tensor: str) -> tuple[Grid, bool]:
         first = grids[0]
         low, high = first.container
         return Grid(first.scale, first.zero_point, low, high), True
-    return calibrated_grid(graph, end, reference=grids[0] if grids else None), False
+    return calibrated_grid(graph, end, reference=grids[0] if grids else None, share=share), False
 
 
-def calibrated_grid(graph: Graph, tensor: str, reference: Grid | None = None) -> Grid:
+def calibrated_grid(graph: Graph, tensor: str, reference: Grid | None = None, share: bool = False) -> Grid:
     """uint8 grid covering the calibration range of ``tensor`` (zero included, so ReLU's zero
     and zero padding are exact). With a ``reference`` quantizer downstream, the step is the
     reference step divided by an odd integer: requantizing to the reference is then exact
@@ -105,7 +109,7 @@ def calibrated_grid(graph: Graph, tensor: str, reference: Grid | None = None) ->
     low, high = min(low, 0.0), max(high, 0.0)
     scale = max(high - low, 1e-8) / 255
     if reference is not None and reference.scale >= scale:
-        divisor = math.floor(reference.scale / scale)
+        divisor = 1 if share else math.floor(reference.scale / scale)
         divisor -= 1 - divisor % 2
         scale = reference.scale / divisor
     zero_point = int(np.clip(np.round(-low / scale), 0, 255))

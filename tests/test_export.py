@@ -132,38 +132,47 @@ def test_batchnorm_folds_exactly_into_scales_and_bias_even_with_negative_gamma()
 
 # -- Brevitas --------------------------------------------------------------------------------
 
-def brevitas_model():
-    qnn = pytest.importorskip("brevitas.nn")
-    from brevitas.quant import Int8WeightPerChannelFloat
+class BrevitasResidualNet(nn.Module):
+    """A Brevitas network that quantizes its residual join (QuantIdentity on the branch,
+    QuantReLU after the sum), the way Brevitas asks residual models to be written."""
 
-    return nn.Sequential(
-        qnn.QuantIdentity(bit_width=8, return_quant_tensor=False),
-        qnn.QuantConv2d(3, 16, 3, padding=1, bias=False, weight_bit_width=4, weight_quant=Int8WeightPerChannelFloat),
-        nn.BatchNorm2d(16),
-        qnn.QuantReLU(bit_width=4),
-        qnn.QuantConv2d(16, 16, 3, stride=2, padding=1, bias=False, weight_bit_width=4,
-                        weight_quant=Int8WeightPerChannelFloat),
-        nn.BatchNorm2d(16),
-        qnn.QuantReLU(bit_width=4),
-        nn.AdaptiveAvgPool2d(1),
-        nn.Flatten(),
-        qnn.QuantIdentity(bit_width=8),
-        qnn.QuantLinear(16, 4, bias=True, weight_bit_width=8),
-    )
+    def __init__(self):
+        super().__init__()
+        qnn = pytest.importorskip("brevitas.nn")
+        from brevitas.quant import Int8WeightPerChannelFloat
+
+        conv = lambda cin, cout, stride=1: qnn.QuantConv2d(cin, cout, 3, stride=stride, padding=1, bias=False,
+                                                          weight_bit_width=4, weight_quant=Int8WeightPerChannelFloat)
+        self.input = qnn.QuantIdentity(bit_width=8)
+        self.stem, self.bn0, self.relu0 = conv(3, 16), nn.BatchNorm2d(16), qnn.QuantReLU(bit_width=4)
+        self.conv1, self.bn1, self.relu1 = conv(16, 16), nn.BatchNorm2d(16), qnn.QuantReLU(bit_width=4)
+        self.conv2, self.bn2, self.join = conv(16, 16), nn.BatchNorm2d(16), qnn.QuantIdentity(bit_width=8)
+        self.relu2 = qnn.QuantReLU(bit_width=4)
+        self.down, self.bn3, self.relu3 = conv(16, 24, 2), nn.BatchNorm2d(24), qnn.QuantReLU(bit_width=4)
+        self.pool, self.head_input = nn.AdaptiveAvgPool2d(1), qnn.QuantIdentity(bit_width=8)
+        self.head = qnn.QuantLinear(24, 4, bias=True, weight_bit_width=8)
+
+    def forward(self, x):
+        x = self.relu0(self.bn0(self.stem(self.input(x))))
+        branch = self.join(self.bn2(self.conv2(self.relu1(self.bn1(self.conv1(x))))))
+        x = self.relu2(x + branch)
+        x = self.relu3(self.bn3(self.down(x)))
+        return self.head(self.head_input(torch.flatten(self.pool(x), 1)))
 
 
-def test_brevitas_model_exports_to_the_same_fused_format(data, tmp_path):
-    model = brevitas_model()
-    images = as_inputs(np.concatenate([data["a_x"], data["b_x"]]))
-    labels = torch.from_numpy(np.concatenate([data["a_y"], data["b_y"]])).long()
+def test_brevitas_model_with_a_quantized_join_exports_exactly_and_fully_fused(data, tmp_path):
     from tiny_models import train
 
+    model = BrevitasResidualNet()
+    images = as_inputs(np.concatenate([data["a_x"], data["b_x"]]))
+    labels = torch.from_numpy(np.concatenate([data["a_y"], data["b_y"]])).long()
     train(model, images, labels, steps=25)  # also collects Brevitas' activation statistics
     test_images, test_labels = held_out(data)
     result = export(model, test_images[:1], tmp_path / "brevitas.onnx", calibration=calibration(data),
                     verify=test_images, labels=test_labels, numerics="faithful")
-    assert result.ops["QLinearConv"] == 2 and result.ops["QGemm"] == 1 and float_layers(result.ops) == {}
-    assert result.notes == []  # every tensor is on a Brevitas grid: nothing approximated
+    assert result.ops["QLinearConv"] == 4 and result.ops["QLinearAdd"] == 1 and result.ops["QGemm"] == 1
+    assert float_layers(result.ops) == {} and "ConvInteger" not in result.ops
+    assert result.notes == []  # every tensor is on one of the model's own grids: nothing approximated
     assert result.verification.passed and result.verification.agreement >= 0.995
 
 
