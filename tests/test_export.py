@@ -274,3 +274,44 @@ def test_cli_export_of_a_checkpoint_and_its_errors(run_cli, digits_small, tmp_pa
     code, _, err = run_cli("export", tmp_path / "model.pt", "-o", tmp_path / "x.onnx", "--weight-storage", "int4",
                            "--opset", "17", "--data", digits_small)
     assert code == 2 and "opset 17" in err and not (tmp_path / "x.onnx").exists()
+
+
+# -- a new layer family plugs in through one adapter -------------------------------------------
+
+class SignConv2d(nn.Conv2d):
+    """A stand-in for a binary layer: sign(x) (sign(0) = +1) convolved with sign(w) * mean|w|."""
+
+    def forward(self, x):
+        ones = torch.ones_like(x)
+        scale = self.weight.abs().mean(dim=(1, 2, 3), keepdim=True)
+        return self._conv_forward(torch.where(x >= 0, ones, -ones), torch.sign(self.weight) * scale, self.bias)
+
+
+def test_a_binary_layer_adapter_exports_to_integer_kernels(tmp_path, monkeypatch):
+    from qtool.exporters import adapters
+    from qtool.exporters.ir import Weights
+
+    def sign_conv(layer, ctx):
+        signs = ctx.tensor("sign")
+        codes = torch.where(layer.weight >= 0, 1, -1).to(torch.int32).numpy()
+        scale = layer.weight.detach().abs().mean(dim=(1, 2, 3)).double().numpy()
+        return [Op("sign", ctx.inputs, signs, ctx.layer, {"scale": 1.0}),
+                adapters.weighted_op(layer, ctx, [signs], Weights(codes, scale, -1, 1), adapters.float_array(layer.bias))]
+
+    monkeypatch.setattr(adapters, "_MODULES", list(adapters._MODULES))  # registration stays local to this test
+    adapters.module_adapter(SignConv2d)(sign_conv)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), SignConv2d(8, 8, 3, padding=1),
+                          nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3))
+    model(torch.randn(8, 3, 12, 12))
+    model.eval()
+    images = torch.randn(64, 3, 12, 12)
+    result = export(model, images[:1], tmp_path / "binary.onnx", calibration=images, verify=images,
+                    numerics="faithful")
+    # its output is float in PyTorch (BN, ReLU, pooling follow), so faithful numerics keeps the int32
+    # accumulator: ConvInteger; the float stem and head stay float
+    assert result.quantized_layers == 1 and result.ops["ConvInteger"] == 1 and result.ops["Where"] == 1
+    assert result.verification.agreement == 1.0 and result.verification.within_step == 1.0
+    weights = [onnx.numpy_helper.to_array(t) for t in onnx.load(tmp_path / "binary.onnx").graph.initializer
+               if t.data_type == onnx.TensorProto.UINT8 and len(t.dims) == 4]
+    assert len(weights) == 1 and set(np.unique(weights[0])) == {127, 129}  # ±1 around ConvInteger's zero point 128
