@@ -15,6 +15,7 @@ from integer-kernel rounding (reference on, fused off).
 
 from __future__ import annotations
 
+import copy
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -42,6 +43,8 @@ class Verification:
     reference_max_abs_diff: float
     torch_accuracy: float | None = None
     onnx_accuracy: float | None = None
+    float64_agreement: float | None = None    # PyTorch float64 vs float32: the model's own noise floor
+    float64_within_step: float | None = None
 
     @property
     def passed(self) -> bool:
@@ -53,6 +56,9 @@ class Verification:
                 f"for both); largest difference {self.max_abs_diff / self.output_step:.1f} steps")
         if self.torch_accuracy is not None:
             text += f"; accuracy PyTorch {100 * self.torch_accuracy:.2f}% vs onnxruntime {100 * self.onnx_accuracy:.2f}%"
+        if self.float64_agreement is not None:
+            text += (f" (for scale, PyTorch float64 vs float32: {100 * self.float64_agreement:.2f}% top-1, "
+                     f"{100 * self.float64_within_step:.2f}% within one step)")
         return text
 
     def to_dict(self) -> dict:
@@ -78,8 +84,19 @@ def onnx_logits(model: bytes | str, inputs: np.ndarray, threads: int = 1, optimi
                            for i in range(0, len(inputs), batch_size)])
 
 
+def float64_logits(model: nn.Module, inputs: torch.Tensor) -> np.ndarray | None:
+    """The model in float64 (None when it cannot run so, e.g. a layer with float32-only code)."""
+    try:
+        twin = copy.deepcopy(model).double()
+        return torch_logits(twin, inputs.double()).astype(np.float32)
+    except (RuntimeError, TypeError, ValueError, NotImplementedError):
+        return None
+
+
 def compare(model: nn.Module, onnx_model: bytes | str, inputs: torch.Tensor, labels: torch.Tensor | None = None,
-            threads: int = 1) -> Verification:
+            threads: int = 1, noise_floor: bool = True) -> Verification:
+    """``noise_floor`` also runs PyTorch in float64: how far the model's own outputs move under a
+    change of float rounding, the yardstick for onnxruntime's differences."""
     inputs = inputs.float().contiguous()
     expected = torch_logits(model, inputs)
     array = inputs.numpy()
@@ -96,6 +113,9 @@ def compare(model: nn.Module, onnx_model: bytes | str, inputs: torch.Tensor, lab
         reference_agreement=float((reference.argmax(1) == top).mean()),
         reference_max_abs_diff=float(np.abs(reference - expected).max()),
     )
+    if noise_floor and (wide := float64_logits(model, inputs)) is not None:
+        result.float64_agreement = float((wide.argmax(1) == top).mean())
+        result.float64_within_step = float((np.abs(wide - expected).max(axis=1) <= step).mean())
     if labels is not None:
         truth = labels.numpy()
         result.torch_accuracy = float((top == truth).mean())
