@@ -147,15 +147,86 @@ def quantize(model, threads, nproc, option, **kwargs):
 @click.option("--threads", type=int, default=None, help="torch threads (default: torch's choice).")
 def eval_command(checkpoint, data, target_domain, json_path, threads):
     """Top-1 accuracy of CHECKPOINT on every domain of --data."""
-    from qtool.checkpoint import write_text_atomic
     from qtool.pipeline import evaluate_checkpoint
     from qtool.progress import print_eval_summary
 
     _set_threads(threads)
     report = evaluate_checkpoint(checkpoint, data, target_domain)
     if json_path:
-        write_text_atomic(json_path, json.dumps(report, indent=2))
+        _write_json(json_path, report)
     print_eval_summary(report)
+
+
+@cli.command("export", context_settings=CONTEXT)
+@click.argument("source")
+@click.option("-o", "--out", required=True, type=click.Path(), help="Output .onnx file (written only if every check passes).")
+@click.option("--verify", type=int, default=0, show_default=True,
+              help="Compare onnxruntime with PyTorch on N held-out images; fail below 99.5% top-1 agreement.")
+@click.option("--data", default=None, help="Images for calibration and --verify (default: the data the checkpoint was trained on).")
+@click.option("--target-domain", default=None, help="Domain to verify on (default: the checkpoint's held-out domain).")
+@click.option("--weight-storage", type=click.Choice(["int8", "int4"]), default="int8", show_default=True,
+              help="int4: opset-21 INT4 initializers, half the file; onnxruntime unpacks them to int8 at load.")
+@click.option("--numerics", type=click.Choice(["fast", "faithful"]), default="fast", show_default=True,
+              help="fast: residual sums on 8-bit grids (QLinearAdd), the fastest graph; faithful: float residual "
+                   "sums as in PyTorch and finer int32 bias units, so onnxruntime reproduces PyTorch's predictions.")
+@click.option("--opset", type=int, default=None, help="ONNX opset (default 17; 21 with --weight-storage int4).")
+@click.option("--calibration", type=int, default=512, show_default=True,
+              help="Source-domain images used to calibrate the tensors the model leaves in float (residual sums).")
+@click.option("--weights", type=click.Path(dir_okay=False), default=None, help="State dict for a SOURCE given as FILE.py:FUNCTION.")
+@click.option("--input-shape", default=None, help="C,H,W for a SOURCE given as FILE.py:FUNCTION (e.g. 3,32,32).")
+@click.option("--threads", type=int, default=1, show_default=True, help="onnxruntime threads for the checks.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write the export report as JSON here.")
+def export_command(source, out, json_path, input_shape, **kwargs):
+    """Export SOURCE (a qtool checkpoint, or FILE.py:FUNCTION returning a qtool/Brevitas model)
+    to ONNX that onnxruntime runs as integer kernels (QLinearConv, QGemm, QLinearAdd)."""
+    from qtool.exporters.from_checkpoint import ExportOptions, export_source
+    from qtool.progress import print_export_summary
+
+    shape = _parse_shape(input_shape) if input_shape else None
+    result, domain = export_source(ExportOptions(source=source, out=out, input_shape=shape, **kwargs))
+    if json_path:
+        _write_json(json_path, result.to_dict())
+    print_export_summary(result, domain)
+
+
+@cli.command(context_settings=CONTEXT)
+@click.argument("model", required=False, type=click.Path(dir_okay=False))
+@click.option("--against", multiple=True, type=click.Path(dir_okay=False), help="Another .onnx to time side by side (repeatable).")
+@click.option("--threads", type=int, default=1, show_default=True, help="onnxruntime intra-op threads.")
+@click.option("--runs", type=int, default=200, show_default=True, help="Timed runs per model (interleaved across models).")
+@click.option("--warmup", type=int, default=20, show_default=True, help="Untimed runs per model first.")
+@click.option("--batch", type=int, default=1, show_default=True, help="Batch size of the random input.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write the results as JSON here.")
+def bench(model, against, threads, runs, warmup, batch, json_path):
+    """Latency (median, p90), file size and the kernels onnxruntime ran for MODEL.onnx and each
+    --against model, with ratios to MODEL. Needs only onnxruntime and numpy (no torch)."""
+    from qtool.bench import BenchConfig, bench_models, print_bench
+
+    if model is None:
+        raise QtoolError("missing MODEL.onnx")
+    result = bench_models([model, *against], BenchConfig(threads=threads, runs=runs, warmup=warmup, batch=batch))
+    if json_path:
+        _write_json(json_path, result)
+    print_bench(result)
+
+
+def _write_json(path: str, data: dict) -> None:
+    from qtool.atomic import write_text_atomic
+
+    try:
+        write_text_atomic(path, json.dumps(data, indent=2))
+    except OSError as exc:
+        raise QtoolError(f"cannot write {path}: {exc.strerror or exc}") from None
+
+
+def _parse_shape(text: str) -> tuple[int, ...]:
+    try:
+        shape = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise QtoolError(f"--input-shape expects C,H,W integers, got {text!r}") from None
+    if len(shape) != 3 or min(shape) < 1:
+        raise QtoolError(f"--input-shape expects three positive integers C,H,W, got {text!r}")
+    return shape
 
 
 @cli.command("build-kernels", context_settings=CONTEXT)

@@ -77,3 +77,24 @@ def print_eval_summary(report: dict) -> None:
     for name, acc in report["accuracy"].items():
         table.add_row(name, "target" if name == report["target_domain"] else "source (val)", _pct(acc))
     stdout.print(table)
+
+
+def print_export_summary(result, verify_domain: str | None) -> None:
+    """What the export wrote, what onnxruntime will run, and how well it matches PyTorch."""
+    from qtool.onnxrt import float_layers, integer_layers
+
+    ops = lambda counts: ", ".join(f"{op}×{n}" for op, n in sorted(counts.items(), key=lambda kv: -kv[1])) or "-"
+    table = Table(title=f"{result.path}: {result.bytes / 1024:.1f} KiB, opset {result.opset}, {result.weight_storage} weights")
+    table.add_column("")
+    table.add_column("")
+    table.add_row("quantized layers", f"{result.quantized_layers} (float layers: {result.float_layers})")
+    table.add_row("onnxruntime integer kernels", ops(integer_layers(result.ops)))
+    table.add_row("onnxruntime float compute", ops(float_layers(result.ops)))
+    table.add_row("approximations", f"{len(result.notes)} tensors float in PyTorch, 8-bit in ONNX" if result.notes else "none")
+    verification = result.verification
+    if verification is not None:
+        table.add_row(f"verified on {verify_domain}", verification.summary())
+        table.add_row("onnxruntime, optimizations off",
+                      f"agreement {100 * verification.reference_agreement:.2f}%, "
+                      f"max |logit difference| {verification.reference_max_abs_diff:.4g}")
+    stdout.print(table)

@@ -1,0 +1,136 @@
+"""``qtool.export``: a quantized PyTorch model -> an ONNX file onnxruntime runs on integer kernels.
+
+    trace + calibrate (capture.py) -> fold BN, sink reshapes (passes.py) -> QDQ ONNX (onnx_graph.py)
+    -> onnx.checker (full check) -> onnxruntime's optimized graph must run every quantized layer
+    as an integer kernel -> optional verification against PyTorch (verify.py) -> atomic write.
+
+Nothing is written unless every check passed.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import onnx
+import torch
+from torch import nn
+
+from qtool.atomic import atomic_path
+from qtool.errors import QtoolError
+from qtool.exporters.adapters import ExportError
+from qtool.exporters.capture import calibration_ranges_are_finite, capture
+from qtool.exporters.onnx_graph import OnnxBuilder
+from qtool.exporters.passes import prepare_graph
+from qtool.exporters.verify import Verification, VerificationError, compare
+from qtool.onnxrt import float_layers, optimized_census
+
+WEIGHT_STORAGES = ("int8", "int4")
+NUMERICS = ("fast", "faithful")
+DEFAULT_OPSET = {"int8": 17, "int4": 21}
+MAX_OPSET = 26  # the newest onnxruntime 1.32 loads
+
+
+@dataclass
+class ExportResult:
+    path: str
+    bytes: int
+    opset: int
+    weight_storage: str
+    quantized_layers: int
+    float_layers: int
+    ops: dict[str, int]                      # onnxruntime's optimized graph: what it runs
+    notes: list[str] = field(default_factory=list)
+    verification: Verification | None = None
+
+    def to_dict(self) -> dict:
+        result = {k: v for k, v in self.__dict__.items() if k != "verification"}
+        result["verification"] = self.verification.to_dict() if self.verification else None
+        return result
+
+
+def check_output_path(path: str | os.PathLike) -> Path:
+    """Fail before any work when ``path`` cannot be written (one line, nothing left behind)."""
+    path = Path(path)
+    if path.is_dir():
+        raise QtoolError(f"output path {path} is a directory; give a file name such as {path / 'model.onnx'}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".check"):
+            pass
+    except OSError as exc:
+        raise QtoolError(f"cannot write {path}: {exc.strerror or exc}") from None
+    return path
+
+
+def _opset(weight_storage: str, opset: int | None) -> int:
+    if weight_storage not in WEIGHT_STORAGES:
+        raise QtoolError(f"weight storage must be one of {', '.join(WEIGHT_STORAGES)}, got {weight_storage!r}")
+    opset = DEFAULT_OPSET[weight_storage] if opset is None else opset
+    minimum = 21 if weight_storage == "int4" else 13  # INT4 tensors: opset 21; per-channel DQ: 13
+    if not minimum <= opset <= MAX_OPSET:
+        raise QtoolError(f"opset {opset} is out of range for {weight_storage} weights: use {minimum} to {MAX_OPSET}")
+    return opset
+
+
+def _check_kernels(census: dict[str, int], quantized: int, floating: int) -> None:
+    """Every quantized layer must have become an integer kernel in onnxruntime's graph."""
+    float_compute = sum(float_layers(census).values())
+    if float_compute > floating:
+        raise ExportError(f"onnxruntime kept {float_compute - floating} quantized layer(s) in float "
+                          f"({', '.join(f'{k}×{v}' for k, v in float_layers(census).items())}); "
+                          "the exported graph does not fuse")
+    weighted = sum(census.get(op, 0) for op in ("QLinearConv", "QGemm", "QLinearMatMul", "ConvInteger",
+                                               "MatMulInteger", "MatMulIntegerToFloat", "MatMulNBits"))
+    if weighted < quantized:
+        raise ExportError(f"only {weighted} of {quantized} quantized layers run as integer kernels in onnxruntime")
+
+
+def export(model: nn.Module, example_input: torch.Tensor, path: str | os.PathLike, *,
+           verify: torch.Tensor | None = None, labels: torch.Tensor | None = None,
+           calibration: torch.Tensor | None = None, weight_storage: str = "int8", opset: int | None = None,
+           numerics: str = "fast", threads: int = 1) -> ExportResult:
+    """Export ``model`` (qtool-prepared, Brevitas, or plain float) to ``path``.
+
+    ``example_input`` fixes the input shape (any batch size). ``calibration`` (default: the
+    example) is a representative batch used only for tensors the model does not quantize itself,
+    such as residual sums. ``verify`` runs onnxruntime and PyTorch on those inputs and raises
+    ``VerificationError`` when they disagree beyond the tolerances (nothing is written then).
+    """
+    opset = _opset(weight_storage, opset)
+    if numerics not in NUMERICS:
+        raise QtoolError(f"numerics must be one of {', '.join(NUMERICS)}, got {numerics!r}")
+    path = check_output_path(path)
+    calibration = example_input if calibration is None else calibration
+    was_training = model.training
+    model.eval()
+    try:
+        graph = capture(model, calibration.float())
+        calibration_ranges_are_finite(graph)
+        prepare_graph(graph)
+        onnx_model = OnnxBuilder(graph, weight_storage, opset, numerics).build()
+        try:
+            onnx.checker.check_model(onnx_model, full_check=True)
+        except onnx.checker.ValidationError as exc:
+            raise ExportError(f"the ONNX checker rejects the exported graph: {str(exc).splitlines()[0]}") from None
+        data = onnx_model.SerializeToString()
+        weighted = [op for op in graph.ops if op.kind in ("conv", "linear")]
+        quantized = sum(op.attrs["weights"] is not None for op in weighted)
+        census = optimized_census(data, threads)
+        _check_kernels(census, quantized, len(weighted) - quantized)
+        verification = None
+        if verify is not None:
+            verification = compare(model, data, verify, labels, threads)
+            if not verification.passed:
+                raise VerificationError(f"onnxruntime does not reproduce PyTorch: {verification.summary()}")
+    finally:
+        model.train(was_training)
+    try:
+        with atomic_path(path) as tmp:
+            tmp.write_bytes(data)
+    except OSError as exc:
+        raise QtoolError(f"cannot write {path}: {exc.strerror or exc}") from None
+    return ExportResult(str(path), len(data), opset, weight_storage, quantized, len(weighted) - quantized, census,
+                        sorted(set(graph.notes)), verification)
