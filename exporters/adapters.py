@@ -11,7 +11,7 @@ the exporter changes. qtool's LSQ layers and the torch layers are here, Brevitas
 from __future__ import annotations
 
 import operator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import numpy as np
@@ -341,4 +341,28 @@ def _register_qtool_layers() -> None:
         ]
 
 
+
+
+def _register_qtool_binary_layers() -> None:
+    """``--bits 1`` networks: the sign activation as int8 {-1, +1}, the +-1 weights as int8 codes
+    with the layer's mean|W| scale (per layer or per channel), and BN(ReLU(x))."""
+    from qtool.quant.binary import BinaryConv2d, ReLUBatchNorm2d
+
+    @module_adapter(BinaryConv2d)
+    def binary_conv(layer, ctx):
+        if layer.groups != 1:
+            raise ExportError(f"{ctx.layer}: grouped binary convolutions cannot be exported")
+        signs = ctx.tensor("sign")
+        codes = layer.binary_weight().to(torch.int32).numpy()
+        scale = per_channel(float_array(layer.weight_scale()), layer.out_channels)
+        return [Op("sign", ctx.inputs, signs, ctx.layer, {"scale": 1.0}),
+                weighted_op(layer, ctx, [signs], Weights(codes, scale, -1, 1), float_array(layer.bias))]
+
+    @module_adapter(ReLUBatchNorm2d)
+    def relu_batchnorm(bn, ctx):
+        rectified = ctx.tensor("relu")
+        return [Op("relu", ctx.inputs, rectified, ctx.layer), *batchnorm(bn, replace(ctx, inputs=[rectified]))]
+
+
 _register_qtool_layers()
+_register_qtool_binary_layers()

@@ -112,6 +112,9 @@ def _translate(module: fx.GraphModule, recorder: _Recorder) -> Graph:
                       output=node.name, args=args, kwargs=kwargs, output_shape=recorder.shapes[node.name],
                       input_shapes=tuple(recorder.shapes[name] for name in _tensor_args(node, tensors)))
         new_ops = _adapt(module, node, ctx)
+        for op in new_ops:
+            if op.output != node.name:
+                _describe_intermediate(recorder, op)
         if not any(op.output == node.name for op in new_ops):
             if len(inputs) != 1:
                 raise ExportError(f"{ctx.layer}: produced no output")
@@ -143,6 +146,24 @@ def _adapt(module: fx.GraphModule, node: fx.Node, ctx: Context):
         return adapter(ctx)
     raise ExportError(f"node {node.name!r} ({node.op} {node.target}) cannot be mapped to ONNX: "
                       "the exporter does not read parameters used outside a layer")
+
+
+# Range of an elementwise op's output, from its input's: what an adapter's intermediate tensors
+# (a layer's quantized or binarized input, ReLU before BN) need for shapes and calibration.
+_ELEMENTWISE_RANGE = {
+    "quant": lambda low, high: (low, high),
+    "sign": lambda low, high: (-1.0, 1.0),
+    "relu": lambda low, high: (max(low, 0.0), max(high, 0.0)),
+}
+
+
+def _describe_intermediate(recorder: _Recorder, op) -> None:
+    source = op.inputs[0] if op.inputs else None
+    if op.kind not in _ELEMENTWISE_RANGE or source not in recorder.shapes:
+        return
+    recorder.shapes.setdefault(op.output, recorder.shapes[source])
+    if source in recorder.ranges:
+        recorder.ranges.setdefault(op.output, _ELEMENTWISE_RANGE[op.kind](*recorder.ranges[source]))
 
 
 def calibration_ranges_are_finite(graph: Graph) -> None:

@@ -192,22 +192,49 @@ def export_command(source, out, json_path, input_shape, **kwargs):
 @cli.command(context_settings=CONTEXT)
 @click.argument("model", required=False, type=click.Path(dir_okay=False))
 @click.option("--against", multiple=True, type=click.Path(dir_okay=False), help="Another .onnx to time side by side (repeatable).")
-@click.option("--threads", type=int, default=1, show_default=True, help="onnxruntime intra-op threads.")
+@click.option("--threads", type=int, default=1, show_default=True, help="onnxruntime intra-op threads (torch threads with --kernels / --backend kernels).")
 @click.option("--runs", type=int, default=200, show_default=True, help="Timed runs per model (interleaved across models).")
 @click.option("--warmup", type=int, default=20, show_default=True, help="Untimed runs per model first.")
 @click.option("--batch", type=int, default=1, show_default=True, help="Batch size of the random input.")
+@click.option("--backend", type=click.Choice(["onnxruntime", "kernels"]), default="onnxruntime", show_default=True,
+              help="'kernels': MODEL is a qtool checkpoint (.pt), run on qtool's low-bit kernels against the same network in fp32 PyTorch.")
+@click.option("--kernels", "kernel_suite", is_flag=True, help="Benchmark the low-bit kernels on real layer shapes against fp32 torch (no MODEL).")
+@click.option("--quick", is_flag=True, help="With --kernels: fewer shapes and repeats (a smoke run).")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write the results as JSON here.")
-def bench(model, against, threads, runs, warmup, batch, json_path):
+def bench(model, against, threads, runs, warmup, batch, backend, kernel_suite, quick, json_path):
     """Latency (median, p90), file size and the kernels onnxruntime ran for MODEL.onnx and each
-    --against model, with ratios to MODEL. Needs only onnxruntime and numpy (no torch)."""
-    from qtool.bench import BenchConfig, bench_models, print_bench
+    --against model, with ratios to MODEL. Needs only onnxruntime and numpy (no torch).
 
-    if model is None:
-        raise QtoolError("missing MODEL.onnx")
-    result = bench_models([model, *against], BenchConfig(threads=threads, runs=runs, warmup=warmup, batch=batch))
+    With --kernels, or --backend kernels on a checkpoint, it times qtool's own low-bit kernels
+    in PyTorch instead (needs the train extra)."""
+    if threads < 1:
+        raise QtoolError("--threads must be at least 1")
+    if kernel_suite:
+        if model is not None or against:
+            raise QtoolError("--kernels benchmarks the kernels on fixed layer shapes; it takes no MODEL")
+        result = _torch_bench().kernel_suite(threads, quick)
+    elif backend == "kernels":
+        if model is None or against:
+            raise QtoolError("--backend kernels takes one qtool checkpoint MODEL.pt and no --against")
+        result = _torch_bench().checkpoint_on_kernels(model, threads, batch, runs)
+    else:
+        from qtool.bench import BenchConfig, bench_models, print_bench
+
+        if model is None:
+            raise QtoolError("missing MODEL.onnx (or pass --kernels)")
+        result = bench_models([model, *against], BenchConfig(threads=threads, runs=runs, warmup=warmup, batch=batch))
+        print_bench(result)
     if json_path:
         _write_json(json_path, result)
-    print_bench(result)
+
+
+def _torch_bench():
+    """The torch side of ``bench``, imported only when asked for (the edge install has no torch)."""
+    try:
+        from qtool.lowbit import bench_cli
+    except ImportError as exc:
+        raise QtoolError(f"{exc.name or 'torch'} is not installed; this mode needs `pip install qtool[train]`") from None
+    return bench_cli
 
 
 def _write_json(path: str, data: dict) -> None:

@@ -109,3 +109,9 @@ def test_bench_runs_where_torch_and_onnx_are_not_installed(models, tmp_path):
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, timeout=120)
     assert done.returncode == 0, done.stderr
     assert json.loads((tmp_path / "edge.json").read_text())["models"][0]["ops"]["QLinearConv"] == 1
+
+
+def test_kernel_modes_on_an_edge_install_say_what_to_install(tmp_path):
+    script = ("import sys\nsys.modules['torch'] = None\nfrom qtool.cli import main\nmain(['bench', '--kernels'])\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert done.returncode == 2 and done.stderr.strip() == "error: torch is not installed; this mode needs `pip install qtool[train]`"

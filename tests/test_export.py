@@ -315,3 +315,24 @@ def test_a_binary_layer_adapter_exports_to_integer_kernels(tmp_path, monkeypatch
     weights = [onnx.numpy_helper.to_array(t) for t in onnx.load(tmp_path / "binary.onnx").graph.initializer
                if t.data_type == onnx.TensorProto.UINT8 and len(t.dims) == 4]
     assert len(weights) == 1 and set(np.unique(weights[0])) == {127, 129}  # ±1 around ConvInteger's zero point 128
+
+
+def test_a_qtool_binary_network_exports_to_integer_kernels_with_exact_signs(tmp_path):
+    from qtool.quant.binary import binary_layers, prepare_binary
+
+    torch.manual_seed(0)
+    model = prepare_binary(build_model("resnet20", 10, 3))
+    model.train()
+    for _ in range(2):
+        model(torch.randn(16, 3, 32, 32))  # BatchNorm statistics
+    model.eval()
+    images = torch.randn(32, 3, 32, 32)
+    result = export(model, images[:1], tmp_path / "binary.onnx", calibration=images, verify=images)
+    convs = len(binary_layers(model))
+    # every binary conv is a ConvInteger on {-1, +1} codes; fast numerics gives way to exact signs
+    assert result.quantized_layers == convs == result.ops["ConvInteger"] and result.ops["Where"] == convs
+    assert any("faithful" in note for note in result.notes)
+    assert result.verification.agreement == 1.0 and result.verification.within_step == 1.0
+    weights = [onnx.numpy_helper.to_array(t) for t in onnx.load(tmp_path / "binary.onnx").graph.initializer
+               if t.data_type == onnx.TensorProto.UINT8 and len(t.dims) == 4]
+    assert len(weights) == convs and all(set(np.unique(w)) <= {127, 129} for w in weights)

@@ -121,3 +121,20 @@ inline ConvGeometry conv(const at::Tensor& x, const at::Tensor& w, int64_t in_ch
 
 }  // namespace checks
 }  // namespace qtool
+
+// Every op of the library, bound to the qtool::<op> functions of the translation unit that
+// expands it (CPU or CUDA): one list, so a new op cannot be registered for one device only.
+#define QTOOL_IMPL_ALL_OPS(m)                                \
+  do {                                                       \
+    (m).impl("pack_int4", &qtool::pack_int4);                \
+    (m).impl("unpack_int4", &qtool::unpack_int4);            \
+    (m).impl("pack_int3", &qtool::pack_int3);                \
+    (m).impl("unpack_int3", &qtool::unpack_int3);            \
+    (m).impl("pack_binary", &qtool::pack_binary);            \
+    (m).impl("unpack_binary", &qtool::unpack_binary);        \
+    (m).impl("quantize_rows_i8", &qtool::quantize_rows_i8);  \
+    (m).impl("lowbit_gemm", &qtool::lowbit_gemm);            \
+    (m).impl("lowbit_gemm_i8", &qtool::lowbit_gemm_i8);      \
+    (m).impl("binary_gemm", &qtool::binary_gemm);            \
+    (m).impl("binary_conv2d", &qtool::binary_conv2d);        \
+  } while (0)

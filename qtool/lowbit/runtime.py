@@ -12,8 +12,8 @@
   binary layer is recognised through an *adapter*: a function that reads the module and
   returns a ``BinaryConvSpec`` / ``BinaryLinearSpec`` (weights whose signs are the binary
   weights, the output scale, bias and geometry), or None when it cannot run on the kernels.
-  ``register_binary_adapter(cls, adapter)`` adds one; ``ReferenceBinaryConv2d`` documents the
-  semantics and has its adapter registered here.
+  ``register_binary_adapter(cls, adapter)`` adds one; qtool's ``BinaryConv2d`` (``--bits 1``)
+  and ``ReferenceBinaryConv2d`` (the semantics, for tests) have theirs registered here.
 - every other module (8-bit first/last layers, BatchNorm, ReLU, pooling) stays as it is.
 
 ``dequantized(model)`` is the same network in plain fp32 (quantizers and sign functions
@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qtool.lowbit import ops
+from qtool.quant.binary import BinaryConv2d
 from qtool.quant.layers import QuantConv2d, QuantizedLayer, QuantLinear
 
 
@@ -84,6 +85,16 @@ def _reference_binary_spec(m: ReferenceBinaryConv2d) -> BinaryConvSpec | None:
 
 
 register_binary_adapter(ReferenceBinaryConv2d, _reference_binary_spec)
+
+
+def _qtool_binary_spec(m: BinaryConv2d) -> BinaryConvSpec | None:
+    """qtool's trained binary conv (``--bits 1``): same semantics, per-layer or per-channel scale."""
+    if m.groups != 1:
+        return None
+    return BinaryConvSpec(m.binary_weight().float(), m.weight_scale(), m.bias, m.stride, m.padding, m.dilation)
+
+
+register_binary_adapter(BinaryConv2d, _qtool_binary_spec)
 
 
 # ------------------------------------------------------------------------- kernel modules

@@ -34,6 +34,7 @@ from qtool.extensions import load_extension
 from qtool.quant.prepare import Plan, apply_plan, quantizable_layers
 
 ESTIMATORS = ("ste", "reste")
+SOURCES = ("cpu/sign_estimator.cpp",)  # the fused estimator op, under kernels/
 STE_CLIP = 1.0
 _EXTENSION = "qtool_sign_estimator"
 
@@ -61,7 +62,7 @@ def _fused():
     # -ffast-math lets GCC call glibc's vector exp/log (libmvec) in ReSTE's power: a 15x faster
     # backward than scalar calls. Elsewhere the kernel still builds, with scalar math.
     libmvec = sys.platform.startswith("linux") and platform.machine() == "x86_64"
-    return load_extension(_EXTENSION, ["cpu/sign_estimator.cpp"], extra_cflags=["-O3", "-fopenmp-simd", "-ffast-math"],
+    return load_extension(_EXTENSION, list(SOURCES), extra_cflags=["-O3", "-fopenmp-simd", "-ffast-math"],
                           extra_ldflags=["-lmvec"] if libmvec else [])
 
 

@@ -16,10 +16,11 @@ import torch
 from qtool.extensions import load_extension
 
 _EXTENSION = "qtool_fake_quant"
+SOURCES = ("cpu/fake_quant.cpp",)  # under kernels/
 
 
 def _fused():
-    return load_extension(_EXTENSION, ["cpu/fake_quant.cpp"], extra_cflags=["-O3", "-fopenmp-simd", "-fno-math-errno", "-fno-trapping-math"])
+    return load_extension(_EXTENSION, list(SOURCES), extra_cflags=["-O3", "-fopenmp-simd", "-fno-math-errno", "-fno-trapping-math"])
 
 
 def _broadcast(scale: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

@@ -7,6 +7,7 @@ import tomllib
 from pathlib import Path
 
 from qtool.lowbit import build
+from qtool.quant import binary, fake_quant
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -38,4 +39,5 @@ def test_every_kernel_source_ships_as_package_data():
     shipped = {p for pattern in patterns for p in kernels.glob(pattern)}
     assert sources and sources <= shipped
     listed = set(build.GENERIC_SOURCES) | set(build.CUDA_SOURCES) | {f"cpu/{f}.cpp" for f in build.FAMILIES}
+    listed |= set(fake_quant.SOURCES) | set(binary.SOURCES)  # the training ops, built by qtool.extensions
     assert {p.relative_to(kernels).as_posix() for p in sources if p.suffix in (".cpp", ".cu")} == listed
