@@ -1,6 +1,6 @@
 """Feed qtool broken and booby-trapped inputs through the real CLI and print what each one gets:
 exit code, stderr, whether a trap ran and whether files were left behind. The table in
-docs/BENCHMARKS_reliability.md is this script's output:
+docs/BENCHMARKS.md (reliability) is this script's output:
 
     python benchmarks/hostile_inputs.py
 """
@@ -80,6 +80,10 @@ def main() -> None:
         ("--json path that is a directory", ["eval", good, "--data", data, "--json", root / "out.onnx"]),
         ("--out inside a read-only folder", ["quantize", "resnet20", "--data", data, "--out", read_only / "run"]),
         ("--resume of a folder with no checkpoint", ["quantize", "--resume", root / "out.onnx"]),
+        ("export -o a directory", ["export", good, "-o", root / "out.onnx", "--data", data]),
+        ("export -o inside a read-only folder", ["export", good, "-o", read_only / "m.onnx", "--data", data]),
+        ("bench of a directory", ["bench", root / "out.onnx"]),
+        ("bench of a file that is not ONNX", ["bench", root / "truncated.pt"]),
     ]
     print("| input | exit | stderr | trap ran | files left |")
     print("|---|---|---|---|---|")
