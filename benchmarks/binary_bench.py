@@ -32,7 +32,7 @@ def quantize_command(args, setting: str, method: str, seed: int) -> list[str]:
                "--lr", str(args.lr), "--seed", str(seed), "--evals", str(args.evals), "--threads", "1",
                "--cache-dir", str(Path(args.out) / "cache"), "--out", str(out)]
     if setting != "in-distribution":
-        command[4:4] = ["--target-domain", setting.removeprefix("target-")]
+        command[5:5] = ["--target-domain", setting.removeprefix("target-")]  # after --data DATA
     return command
 
 

@@ -19,7 +19,7 @@ import tempfile
 from pathlib import Path
 
 
-def run(args: argparse.Namespace, processes: int, out: Path) -> float:
+def run(args: argparse.Namespace, processes: int, out: Path) -> dict:
     command = [sys.executable, "-m", "qtool", "quantize", args.model, "--data", args.data,
                "--target-domain", args.target, "--bits", str(args.bits), "--method", args.method,
                "--steps", str(args.steps), "--batch-size", str(args.batch_size), "--evals", "1",
@@ -30,7 +30,8 @@ def run(args: argparse.Namespace, processes: int, out: Path) -> float:
     subprocess.run(command, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     report = json.loads((out / "report.json").read_text())
     assert report["throughput"]["processes"] == processes
-    return report["throughput"]["images_per_second"]
+    return {"images_per_second": report["throughput"]["images_per_second"],
+            "target_accuracy": report["target_accuracy"], "source_val_accuracy": report["source_val_accuracy"]}
 
 
 def main() -> None:
@@ -49,19 +50,24 @@ def main() -> None:
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
 
-    rows = []
+    rows, accuracies = [], []
     with tempfile.TemporaryDirectory() as tmp:
         run(args, 1, Path(tmp) / "warm-up")  # fills the pre-training cache and the kernel build
         for repeat in range(args.repeats):
-            one = run(args, 1, Path(tmp) / f"one-{repeat}")
-            two = run(args, 2, Path(tmp) / f"two-{repeat}")
+            one_run = run(args, 1, Path(tmp) / f"one-{repeat}")
+            two_run = run(args, 2, Path(tmp) / f"two-{repeat}")
+            one, two = one_run["images_per_second"], two_run["images_per_second"]
             rows.append({"one_process": one, "two_processes": two, "ratio": two / one})
-            print(f"repeat {repeat}: 1 process {one:.1f} img/s, 2 processes {two:.1f} img/s, ratio {two / one:.3f}")
+            accuracies.append({"one_process": one_run, "two_processes": two_run})
+            print(f"repeat {repeat}: 1 process {one:.1f} img/s, 2 processes {two:.1f} img/s, ratio {two / one:.3f}; "
+                  f"target accuracy {one_run['target_accuracy']:.4f} vs {two_run['target_accuracy']:.4f}, "
+                  f"source val {one_run['source_val_accuracy']:.4f} vs {two_run['source_val_accuracy']:.4f}")
     summary = {key: statistics.median(row[key] for row in rows) for key in rows[0]}
     print(f"median: 1 process {summary['one_process']:.1f} img/s, 2 processes {summary['two_processes']:.1f} img/s, "
           f"ratio {summary['ratio']:.3f}")
     if args.json:
-        Path(args.json).write_text(json.dumps({"config": vars(args), "repeats": rows, "median": summary}, indent=2))
+        Path(args.json).write_text(json.dumps({"config": vars(args), "repeats": rows, "median": summary,
+                                               "accuracy": accuracies}, indent=2))
 
 
 if __name__ == "__main__":

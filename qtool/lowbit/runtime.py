@@ -149,7 +149,7 @@ class _PackedLayer(nn.Module):
         self.bits = bits
         codes = wq.quantize_int(layer.weight.detach())
         self.in_features = codes[0].numel()
-        self.register_buffer("weight_packed", ops.pack_weights(codes.reshape(codes.shape[0], -1), bits))
+        self.register_buffer("weight_packed", ops.pack_weights(self.weight_rows(codes), bits))
         scale = wq.scale.detach().float().reshape(-1, 1)
         self.register_buffer("weight_scale", scale.expand(codes.shape[0], 1).contiguous())
         self.register_buffer("bias", None if layer.bias is None else layer.bias.detach().float())
@@ -157,9 +157,18 @@ class _PackedLayer(nn.Module):
         self.act_qmin, self.act_qmax = aq.qmin, aq.qmax
         self.int8_activations = -128 <= aq.qmin and aq.qmax <= 127
 
-    def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        """Rows [M, K] through the layer's quantizer and weights, plus bias: [M, N]."""
-        codes = torch.clamp(x / self.act_step, self.act_qmin, self.act_qmax).round()  # as LSQ's forward
+    def weight_rows(self, codes: torch.Tensor) -> torch.Tensor:
+        """Weight codes as [out, in] rows, in the order ``matmul``'s input rows use."""
+        return codes.reshape(codes.shape[0], -1)
+
+    def codes(self, x: torch.Tensor) -> torch.Tensor:
+        """The input quantizer's integer codes, as floats (exact): what LSQ's forward rounds to."""
+        return torch.clamp(x / self.act_step, self.act_qmin, self.act_qmax).round()
+
+    def matmul(self, x: torch.Tensor, quantized: bool = False) -> torch.Tensor:
+        """Rows [M, K] (or their codes, ``quantized``) through the layer's quantizer and weights,
+        plus bias: [M, N]."""
+        codes = x if quantized else self.codes(x)
         K, group = self.in_features, self.in_features
         if self.int8_activations:
             steps = self.act_step.expand(codes.shape[0]).contiguous()
@@ -183,13 +192,22 @@ class PackedConv2d(_PackedLayer):
         self.kernel_size, self.stride = layer.kernel_size, layer.stride
         self.padding, self.dilation = layer.padding, layer.dilation
 
+    def weight_rows(self, codes: torch.Tensor) -> torch.Tensor:
+        return codes.permute(0, 2, 3, 1).reshape(codes.shape[0], -1)  # (kh, kw, C): channels-last patches
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n, _, h, w = x.shape
-        oh = (h + 2 * self.padding[0] - self.dilation[0] * (self.kernel_size[0] - 1) - 1) // self.stride[0] + 1
-        ow = (w + 2 * self.padding[1] - self.dilation[1] * (self.kernel_size[1] - 1) - 1) // self.stride[1] + 1
-        # Zero padding is code 0, so unfolding before quantizing equals quantizing then padding.
-        cols = F.unfold(x.float(), self.kernel_size, self.dilation, self.padding, self.stride)  # [N, C*kh*kw, L]
-        y = self.matmul(cols.transpose(1, 2).reshape(n * oh * ow, -1))
+        (kh, kw), (sh, sw), (ph, pw), (dh, dw) = self.kernel_size, self.stride, self.padding, self.dilation
+        oh = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+        ow = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+        # Quantize once per pixel, then gather the patches from the (int8) codes in channels-last
+        # order with one strided copy: zero padding is code 0, the quantizer's zero.
+        codes = self.codes(x.float())
+        codes = codes.to(torch.int8) if self.int8_activations else codes
+        padded = F.pad(codes.permute(0, 2, 3, 1), (0, 0, pw, pw, ph, ph)).contiguous()  # [N, H+2p, W+2p, C]
+        sn, sy, sx, sc = padded.stride()
+        patches = padded.as_strided((n, oh, ow, kh, kw, padded.shape[3]), (sn, sy * sh, sx * sw, sy * dh, sx * dw, sc))
+        y = self.matmul(patches.reshape(n * oh * ow, -1), quantized=True)
         return y.view(n, oh, ow, -1).permute(0, 3, 1, 2)
 
 
