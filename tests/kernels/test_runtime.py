@@ -115,3 +115,20 @@ def test_bench_checkpoint_model_reports_both_sides(qops):
     assert result["converted"] == {"4": "binary"} and result["max_abs_diff"] < 1e-3
     row = result["results"][0]
     assert row["threads"] == 1 and row["kernels_ms"] > 0 and row["fp32_ms"] > 0
+
+
+@pytest.mark.parametrize("kernel, stride, padding, dilation", [
+    ((3, 3), (1, 1), (1, 1), (1, 1)), ((3, 1), (1, 2), (2, 0), (1, 1)), ((3, 3), (2, 1), (2, 2), (2, 2)),
+])
+def test_packed_conv_geometry_matches_the_quantized_conv(qops, kernel, stride, padding, dilation):
+    """The channels-last patch gather (strides, padding, dilation, non-square kernels)."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 8, 11, 9)
+    model = calibrated(nn.Sequential(nn.Conv2d(8, 8, 3, padding=1),
+                                     nn.Conv2d(8, 12, kernel, stride, padding, dilation),
+                                     nn.Conv2d(12, 4, 1)), 4, 4, x)
+    layer = model.get_submodule("1")
+    packed = runtime.PackedConv2d(layer, 4)
+    with torch.no_grad():
+        inp = model.get_submodule("0")(x)
+        torch.testing.assert_close(packed(inp), layer(inp), rtol=1e-4, atol=1e-4 * float(layer(inp).abs().max()))
