@@ -167,8 +167,9 @@ def eval_command(checkpoint, data, target_domain, json_path, threads):
 @click.option("--weight-storage", type=click.Choice(["int8", "int4"]), default="int8", show_default=True,
               help="int4: opset-21 INT4 initializers, half the file; onnxruntime unpacks them to int8 at load.")
 @click.option("--numerics", type=click.Choice(["fast", "faithful"]), default="fast", show_default=True,
-              help="fast: residual sums on 8-bit grids (QLinearAdd), the fastest graph; faithful: float residual "
-                   "sums as in PyTorch and finer int32 bias units, so onnxruntime reproduces PyTorch's predictions.")
+              help="fast: residual sums on 8-bit grids (QLinearAdd), every layer fused, the fastest graph, but not "
+                   "PyTorch's numbers; faithful: float residual sums and float biases as in PyTorch (ConvInteger), "
+                   "so onnxruntime reproduces PyTorch's predictions, several times slower.")
 @click.option("--opset", type=int, default=None, help="ONNX opset (default 17; 21 with --weight-storage int4).")
 @click.option("--calibration", type=int, default=512, show_default=True,
               help="Source-domain images used to calibrate the tensors the model leaves in float (residual sums).")
