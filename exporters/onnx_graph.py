@@ -255,27 +255,19 @@ class OnnxBuilder:
     _conv = _linear = _weighted
 
     def kernel_input(self, tensor: str) -> tuple[str, Grid]:
-        """The codes an integer kernel reads, and their grid. In faithful numerics a 2-7 bit grid
-        is widened: ``(code - lo) * n`` (n = 17 at 4 bits) on a step n times smaller, zero point
-        ``(zero_point - lo) * n``: the same values, so the int32 bias of the next kernel is
-        rounded to a unit n times finer. Signed grids (a linear bottleneck's output, zero point
-        128) need this as much as unsigned ones: without it about 0.6 % of a MobileNetV2
-        depthwise layer's outputs moved by up to 3 steps against PyTorch."""
+        """The codes an integer kernel reads, and their grid. In faithful numerics an unsigned
+        2-7 bit grid is widened: codes times n (17 at 4 bits) on a step n times smaller, the same
+        values, so the int32 bias of the next kernel is rounded to a unit n times finer."""
         value = self.materialize(tensor)
-        grid = value.grid
-        factor = 255 // max(value.hi - value.lo, 1)
-        if (self.numerics != "faithful" or value.lo < 0 or factor < 2 or value.hi - value.lo <= 2
-                or not value.lo <= grid.zero_point <= value.hi):
-            return value.name, value.grid  # 8-bit grids, int8 containers, binary signs: as they are
+        factor = 255 // max(value.hi, 1)
+        if self.numerics != "faithful" or value.grid.zero_point != 0 or value.lo < 0 or factor < 2:
+            return value.name, value.grid
         key = (value.name, factor)
         if key not in self._widened:
-            codes = value.name
-            if value.lo:
-                codes = self.node("Sub", [codes, self.constant(np.array(value.lo, np.uint8), f"minus_{value.lo}")],
-                                  f"{tensor}_from_{value.lo}")
-            self._widened[key] = self.node("Mul", [codes, self.constant(np.array(factor, np.uint8), f"times_{factor}")],
+            self._widened[key] = self.node("Mul", [value.name, self.constant(np.array(factor, np.uint8), f"times_{factor}")],
                                            f"{tensor}_widened")
-        return self._widened[key], Grid(grid.scale / factor, (grid.zero_point - value.lo) * factor, 0, 255)
+        grid = value.grid
+        return self._widened[key], Grid(grid.scale / factor, 0, 0, 255)
 
     def _conv_integer(self, op: Op, x: IntValue, weights: Weights) -> str:
         """ConvInteger (exact int32 accumulators) -> float scale and bias: a quantized conv whose

@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qtool.atomic import write_text_atomic
+from qtool.errors import QtoolError
 from qtool.lowbit import ops
 
 # ------------------------------------------------------------------ roofline (measured, §4.1)
@@ -302,7 +304,7 @@ def run_kernel_benchmarks(threads: list[int], quick: bool, json_path: str | None
     """Run the kernel benchmarks at each thread count; return (and optionally write) the
     contract's ``{"kernels": [...]}`` JSON, with extra keys per row."""
     if ops.backend() != "extension":
-        raise RuntimeError("the compiled kernels are not available; `qtool build-kernels` shows why")
+        raise QtoolError("the compiled kernels are not available (see `qtool build-kernels`); nothing to bench")
     simd = [name for name in ops.supported_isas() if name != "scalar"] or ops.supported_isas()
     repeats = 5 if quick else 15
     rows, previous_threads, previous_isa = [], torch.get_num_threads(), ops.isa()
@@ -335,8 +337,7 @@ def run_kernel_benchmarks(threads: list[int], quick: bool, json_path: str | None
                         "linears rotate "
                         f"weights over > {ROTATE_BYTES >> 20} MiB"}
     if json_path:
-        with open(json_path, "w") as f:
-            json.dump(result, f, indent=1)
+        write_text_atomic(json_path, json.dumps(result, indent=1))
     return result
 
 

@@ -13,7 +13,6 @@ from rich.table import Table
 
 from qtool.checkpoint import load_model
 from qtool.errors import QtoolError
-from qtool.lowbit import ops
 from qtool.lowbit.bench import run_kernel_benchmarks
 from qtool.lowbit.runtime import bench_checkpoint_model
 
@@ -21,8 +20,6 @@ from qtool.lowbit.runtime import bench_checkpoint_model
 def kernel_suite(threads: int, quick: bool, console: Console | None = None) -> dict:
     """``bench --kernels``: the contract's ``{"kernels": [...]}`` rows at ``threads`` threads."""
     console = console or Console()
-    if ops.backend() != "extension":
-        raise QtoolError("the compiled kernels are not available (see `qtool build-kernels`); nothing to bench")
     with console.status("timing the kernels against fp32 torch ..."):
         result = run_kernel_benchmarks([threads], quick, json_path=None)
     table = Table(title=f"qtool kernels vs fp32 torch, {threads} thread(s), medians of alternating runs")
