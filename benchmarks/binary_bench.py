@@ -21,7 +21,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-DATA = "/work/shared/data/digits_dg.npz"
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO / ".." / "shared" / "data" / "digits_dg.npz"  # the README's ../shared, from the repository root
 METHODS = ("reste", "ste")
 
 
@@ -142,7 +143,7 @@ def main(argv=None) -> None:
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("accuracy", help="ReSTE vs STE accuracy over seeds")
     run.add_argument("--out", default="runs/binary-bench")
-    run.add_argument("--data", default=DATA)
+    run.add_argument("--data", default=str(DATA), help="digits_dg.npz (default: ../shared/data from the repository root)")
     run.add_argument("--target", default="mnist_m", help="held-out domain of the leave-one-domain-out setting")
     run.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     run.add_argument("--epochs", type=float, default=4)

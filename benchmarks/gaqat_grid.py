@@ -1,19 +1,30 @@
-"""GAQAT against direct DG-QAT on digits_dg: the leave-one-domain-out grid, paired differences,
-and GAQAT's step-time overhead over SAGM.
+"""GAQAT against direct DG-QAT on digits_dg at convergence: the leave-one-domain-out grid, paired
+differences, and GAQAT's step-time overhead over SAGM.
 
-    # the full grid (3 targets x 3 seeds; W4A4 and W3A3 x lsq/sagm/gaqat; FP SAGM), then the
-    # overhead measurement and the summary tables; resumable (a run whose report.json exists is skipped)
-    flock /tmp/qtool-heavy.lock python benchmarks/gaqat_grid.py --out runs/gaqat-grid
-    # an ablation variant of GAQAT on the same grid (lsq/sagm/FP runs are reused from --out)
-    flock /tmp/qtool-heavy.lock python benchmarks/gaqat_grid.py --out runs/gaqat-grid --methods gaqat \\
+    # 1. the full-precision starts only (one per target and seed), in this one process, resumable
+    nice -n 5 python benchmarks/gaqat_grid.py --pretrain-only --cache-dir runs/grid-cache
+    # 2. the QAT grid from those starts (3 targets x 3 seeds; W4A4 and W3A3 x lsq/sagm/gaqat/gaqat-layer;
+    #    FP SAGM with the same steps), then the overhead measurement and the summary tables
+    python benchmarks/gaqat_grid.py --cache-dir runs/grid-cache --workers 2
+    # an ablation variant of GAQAT on the same grid (the other runs are reused)
+    python benchmarks/gaqat_grid.py --cache-dir runs/grid-cache --methods gaqat \\
         --variant smooth-frozen:freeze=smooth --bits 3 --no-overhead
+    # on a GPU machine: the same grid, one invocation under a hard time limit
+    timeout 3000 python benchmarks/gaqat_grid.py --device cuda --workers 1 --cache-dir runs/grid-cache
     # CI-sized smoke run (one target, one seed, W4A4, a few steps)
-    python benchmarks/gaqat_grid.py --quick --out runs/gaqat-quick
+    python benchmarks/gaqat_grid.py --quick --out runs/gaqat-quick --results runs/gaqat-quick/results
 
-Every (target, seed) pair starts all its runs from one cached full-precision SAGM model (the
-first job of the pair pre-trains it; the pipeline's cache serves the others) and every run of
-the pair sees the same batches, so ``gaqat - sagm`` per pair cancels most seed noise.
-Runs are ``qtool quantize`` commands, ``--workers`` at a time with ``--threads 1`` each.
+Every (target, seed) pair starts all its runs from one cached full-precision model (pre-trained
+by ``--pretrain-only`` or by the pair's first job) and every run of the pair sees the same
+batches, so ``gaqat - sagm`` per pair cancels most seed noise. The cache key depends on the
+settings alone (``qtool.pipeline.PRETRAIN_SETTINGS``), so a later checkout with the same
+``--cache-dir`` and options reuses the starts.
+
+Resumable into the repository: every finished run writes a compact copy of its report.json
+(accuracies, convergence curves and verdicts, budget, GAQAT summary) to
+``--results/<target>/seed<N>/<name>.json`` (``fp-pretrain.json`` for the start); a run whose
+result exists is skipped, and an interrupted pre-training continues from its checkpoint.
+QAT runs are ``qtool quantize`` commands, ``--workers`` at a time with ``--threads`` each.
 """
 
 from __future__ import annotations
@@ -30,9 +41,13 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 
-DATA = "/work/shared/data/digits_dg.npz"
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO / ".." / "shared" / "data" / "digits_dg.npz"  # the README's ../shared, from the repository root
+RESULTS = REPO / "docs" / "results" / "gaqat-converged"
 TARGETS = ("mnist", "mnist_m", "syn")
-FP = "fp32-sagm"  # full precision, SAGM, the same QAT steps: also pre-trains the pair's FP model
+FP = "fp32-sagm"  # full precision, SAGM, the same QAT steps
+PRETRAIN = "fp-pretrain"  # the pair's full-precision start (the --pretrain-only phase)
+DEFAULT_VARIANTS = ["layer:freeze=layer"]  # FQAT's layer-wise freezing, with its defaults
 
 
 @dataclass
@@ -47,23 +62,39 @@ class Job:
     def out(self, root: Path) -> Path:
         return root / self.target / f"seed{self.seed}" / self.name
 
+    def result(self, args) -> Path:
+        return result_path(args, self.target, self.seed, self.name)
+
+
+def result_path(args, target: str, seed: int, name: str) -> Path:
+    return Path(args.results) / target / f"seed{seed}" / f"{name}.json"
+
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out", default="runs/gaqat-grid")
-    parser.add_argument("--data", default=DATA)
+    parser.add_argument("--out", default="runs/gaqat-grid", help="run folders (logs, checkpoints, report.json)")
+    parser.add_argument("--results", default=str(RESULTS),
+                        help="compact per-run results, committed to the repository; a run with one here is skipped")
+    parser.add_argument("--data", default=str(DATA), help="digits_dg.npz (default: ../shared/data from the repository root)")
     parser.add_argument("--cache-dir", default=None, help="FP pre-training cache (default OUT/cache)")
+    parser.add_argument("--pretrain-only", action="store_true",
+                        help="only train (or resume) the cached FP start of every (target, seed), in this process")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"], help="passed to qtool quantize")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per run")
     parser.add_argument("--targets", nargs="+", default=list(TARGETS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--bits", nargs="+", type=int, default=[4, 3])
     parser.add_argument("--methods", nargs="+", default=["lsq", "sagm", "gaqat"])
-    parser.add_argument("--variant", action="append", default=[], metavar="NAME:K=V,K=V",
-                        help="a GAQAT variant run as method gaqat-NAME with these -O options (repeatable)")
-    parser.add_argument("--steps", type=int, default=60, help="QAT (and FP-same-steps) steps per run")
-    parser.add_argument("--pretrain-epochs", type=float, default=1.5)
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--variant", action="append", default=None, metavar="NAME:K=V,K=V",
+                        help="a GAQAT variant run as method gaqat-NAME with these -O options (repeatable; "
+                             f"default with --methods gaqat: {' '.join(DEFAULT_VARIANTS)})")
+    parser.add_argument("--epochs", type=float, default=5.0, help="QAT (and FP-same-steps) epochs per run")
+    parser.add_argument("--steps", type=int, default=None, help="QAT steps per run (overrides --epochs)")
+    parser.add_argument("--pretrain-epochs", type=float, default=10.0)
+    parser.add_argument("--pretrain-method", default="plain", help="optimizer of the FP pre-training")
+    parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--lr", type=float, default=None, help="QAT learning rate (default: qtool's)")
-    parser.add_argument("--evals", type=int, default=2)
+    parser.add_argument("--evals", type=int, default=10, help="model-selection evaluations per phase (the curve's points)")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--no-overhead", action="store_true", help="skip the step-time measurement")
     parser.add_argument("--overhead-steps", type=int, default=12, help="timed steps per method and repeat")
@@ -73,9 +104,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true",
                         help="CI-sized smoke run: 1 target, 1 seed, W4A4, 12 steps, GAQAT checks every 4 steps")
     args = parser.parse_args(argv)
+    if args.variant is None:  # the default variants join a grid that runs gaqat
+        args.variant = list(DEFAULT_VARIANTS) if "gaqat" in args.methods else []
     if args.quick:
         args.targets, args.seeds, args.bits = ["mnist_m"], [0], [4]
-        args.steps, args.pretrain_epochs, args.batch_size, args.evals = 12, 0.05, 32, 1
+        args.steps, args.pretrain_epochs, args.batch_size, args.evals = 12, 0.05, 32, 3
         args.overhead_steps, args.overhead_repeats = 3, 2
         args.gaqat_option = ["window=4", "every=4", *args.gaqat_option]
     return args
@@ -108,13 +141,21 @@ def plan(args) -> tuple[list[Job], dict[tuple[str, int], list[Job]]]:
     return firsts, rest
 
 
+def budget_flags(args) -> list[str]:
+    """The QAT budget, as qtool quantize flags."""
+    return ["--steps", str(args.steps)] if args.steps else ["--epochs", str(args.epochs)]
+
+
 def command(args, job: Job) -> list[str]:
+    """The job's qtool quantize command; its pre-training flags match ``pretrain_options``, so it
+    finds the start that the --pretrain-only phase cached."""
     root = Path(args.out)
     cmd = [sys.executable, "-m", "qtool", "quantize", "resnet20", "--data", args.data, "--target-domain", job.target,
-           "--bits", str(job.bits), "--method", job.method, "--steps", str(args.steps),
-           "--pretrain-epochs", str(args.pretrain_epochs), "--batch-size", str(args.batch_size),
-           "--seed", str(job.seed), "--evals", str(args.evals), "--threads", "1",
-           "--cache-dir", args.cache_dir or str(root / "cache"), "--out", str(job.out(root))]
+           "--bits", str(job.bits), "--method", job.method, *budget_flags(args),
+           "--pretrain-epochs", str(float(args.pretrain_epochs)), "--pretrain-method", args.pretrain_method,
+           "--batch-size", str(args.batch_size), "--seed", str(job.seed), "--evals", str(args.evals),
+           "--threads", str(args.threads), "--device", args.device,
+           "--cache-dir", cache_dir(args), "--out", str(job.out(root))]
     if args.lr is not None:
         cmd += ["--lr", str(args.lr)]
     for option in job.options:
@@ -122,20 +163,48 @@ def command(args, job: Job) -> list[str]:
     return cmd
 
 
+def cache_dir(args) -> str:
+    return args.cache_dir or str(Path(args.out) / "cache")
+
+
 def run_job(args, job: Job) -> float:
-    out = job.out(Path(args.out))
-    if (out / "report.json").exists():
+    if job.result(args).exists():
         return 0.0
+    out = job.out(Path(args.out))
     out.mkdir(parents=True, exist_ok=True)
     cmd = command(args, job)
     start = time.perf_counter()
-    with open(out / "log.txt", "w") as log:
+    with open(out / "log.txt", "a") as log:
         log.write(" ".join(cmd[1:]) + "\n")
         log.flush()
-        result = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT)
+        killed = any((out / "checkpoints" / f"{phase}.pt").exists() for phase in ("pretrain", "qat"))
+        resume = ["--resume", str(out)] if killed else []  # continue where it stopped
+        result = subprocess.run(cmd + resume, stdout=log, stderr=subprocess.STDOUT)
     seconds = time.perf_counter() - start
+    if result.returncode == 0:
+        report = json.loads((out / "report.json").read_text())
+        write_result(job.result(args), compact(report, " ".join(cmd[1:]), args.device))
     print(f"{'ok ' if result.returncode == 0 else f'FAILED ({result.returncode})'} {seconds:6.0f} s  {out}", flush=True)
     return seconds
+
+
+def compact(report: dict, command_line: str, device: str) -> dict:
+    """What the repository keeps of a run's report.json: accuracies, the convergence record
+    (curves, verdicts, budget) and the GAQAT summary (measures per check and quantizer)."""
+    keep = ("model", "method", "bits", "act_bits", "seed", "target_domain", "source_domains", "accuracy",
+            "target_accuracy", "source_val_accuracy", "steps", "seconds", "selected_step", "convergence", "gaqat")
+    found = {key: report[key] for key in keep if key in report}
+    fp = report.get("full_precision", {})
+    found["full_precision"] = {k: fp[k] for k in ("accuracy", "target_accuracy", "source_val_accuracy", "pretrain_key")
+                               if k in fp}
+    return {**found, "device": device, "command": command_line}
+
+
+def write_result(path: Path, result: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result, indent=1) + "\n")
+    os.replace(tmp, path)  # a killed grid never leaves half a result (which would be skipped)
 
 
 def run_grid(args) -> float:
@@ -153,6 +222,58 @@ def run_grid(args) -> float:
                 for follower in rest.pop((job.target, job.seed), []):
                     pending[pool.submit(run_job, args, follower)] = follower
     return time.perf_counter() - start
+
+
+# -- the pre-training phase -------------------------------------------------------------------
+
+def pretrain_options(args, target: str, seed: int):
+    """The QuantizeOptions of the pair's FP start: the same pre-training settings as ``command``."""
+    from qtool.options import QuantizeOptions
+
+    out = Path(args.out) / target / f"seed{seed}" / PRETRAIN
+    resume = str(out) if (out / "checkpoints" / "pretrain.pt").exists() else None  # killed before: continue
+    return QuantizeOptions(model="resnet20", out=str(out), data=args.data, target_domain=target, seed=seed,
+                           pretrain_epochs=float(args.pretrain_epochs), pretrain_method=args.pretrain_method,
+                           batch_size=args.batch_size, evals=args.evals, cache_dir=cache_dir(args),
+                           device=args.device, threads=args.threads, resume=resume)
+
+
+def run_pretraining(args) -> float:
+    """Every pair's FP start, one after the other in this process (resumable: a finished start is
+    skipped, an interrupted one continues from its last epoch checkpoint)."""
+    from qtool.pipeline import pretrain
+
+    start = time.perf_counter()
+    for seed in args.seeds:
+        for target in args.targets:
+            path = result_path(args, target, seed, PRETRAIN)
+            if path.exists():
+                print(f"skip (done): {path}", flush=True)
+                continue
+            options = pretrain_options(args, target, seed)
+            print(f"pretrain {target} seed {seed}{' (resumed)' if options.resume else ''} -> {options.out}", flush=True)
+            begin = time.perf_counter()
+            report = pretrain(options, progress=lambda record, name=f"{target}/seed{seed}": log_progress(name, record))
+            seconds = time.perf_counter() - begin
+            record = {"model": "resnet20", "target_domain": target, "seed": seed, "pretrain_method": args.pretrain_method,
+                      **{k: report[k] for k in ("accuracy", "target_accuracy", "source_val_accuracy", "steps",
+                                                "seconds", "pretrain_key", "convergence") if k in report},
+                      "wall_seconds_this_invocation": round(seconds, 1), "device": args.device, "threads": args.threads}
+            write_result(path, record)
+            verdict = record.get("convergence", {}).get("converged")
+            print(f"done {target} seed {seed}: source-val {100 * report['source_val_accuracy']:.2f} %, "
+                  f"converged {verdict}, {seconds:.0f} s", flush=True)
+    return time.perf_counter() - start
+
+
+def log_progress(name: str, record: dict) -> None:
+    """One line per model-selection evaluation (and where the start came from)."""
+    if "cached" in record:
+        print(f"  {name}: cached {record['cached']}", flush=True)
+    elif "val" in record:
+        per_domain = ", ".join(f"{k} {100 * v:.2f}" for k, v in record.get("val_per_domain", {}).items())
+        print(f"  {name}: step {record['step']} epoch {record.get('epoch')}: val {100 * record['val']:.2f} "
+              f"({per_domain}) {time.strftime('%H:%M:%S')}", flush=True)
 
 
 # -- step-time overhead ---------------------------------------------------------------------
@@ -221,13 +342,15 @@ def mean_std(values: list[float]) -> str:
 
 
 def collect(args) -> dict[str, dict[tuple[str, int], float]]:
-    """config -> (target, seed) -> target accuracy in %, for every finished run under --out."""
-    root = Path(args.out)
+    """config -> (target, seed) -> target accuracy in %, for every finished run under --results."""
+    root = Path(args.results)
     table: dict[str, dict[tuple[str, int], float]] = {}
-    for report_path in sorted(root.glob("*/seed*/*/report.json")):
-        report = json.loads(report_path.read_text())
+    for path in sorted(root.glob("*/seed*/*.json")):
+        report = json.loads(path.read_text())
+        name = path.stem
+        if name == PRETRAIN:
+            continue
         key = (report["target_domain"], report["seed"])
-        name = report_path.parent.name
         table.setdefault(name, {})[key] = 100 * report["target_accuracy"]
         if name == FP:
             table.setdefault("fp32-sagm-start", {})[key] = 100 * report["full_precision"]["target_accuracy"]
@@ -278,6 +401,10 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     root = Path(args.out)
     root.mkdir(parents=True, exist_ok=True)
+    if args.pretrain_only:
+        seconds = run_pretraining(args)
+        print(f"pre-training phase: {seconds / 60:.1f} min", flush=True)
+        return
     grid_seconds = run_grid(args)
     overhead = None if args.no_overhead else measure_overhead(args)
     table = collect(args)

@@ -19,7 +19,7 @@ class QuantizeOptions:
     method: str = "sagm"
     epochs: float = 6.0
     pretrain_epochs: float = 15.0
-    pretrain_method: str = "sagm"
+    pretrain_method: str = "plain"  # SAGM learns no faster per step at 1.65x the time (docs/results/pretrain-defaults.md)
     seed: int = 0
     batch_size: int = 128
     lr: float = 2e-4

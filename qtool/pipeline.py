@@ -31,6 +31,7 @@ from qtool.quant.prepare import prepare
 from qtool.train.methods import get_method, method_names
 from qtool.train.distributed import DEVICES, World, joined_world
 from qtool.train.resume import Checkpointing
+from qtool.train.convergence import RULE, convergence, write_curve_plot
 from qtool.train.trainer import TrainConfig, Trainer
 
 def validate(options: QuantizeOptions) -> None:
@@ -117,12 +118,20 @@ def pretrain_config(options: QuantizeOptions) -> TrainConfig:
     )
 
 
+# The options that decide the full-precision start; the cache key is made of these alone (not of
+# qtool's version), so a later run from another checkout with the same settings reuses the model.
+PRETRAIN_SETTINGS = ("model", "target_domain", "holdout", "seed", "batch_size", "pretrain_epochs", "pretrain_method",
+                     "pretrain_lr", "weight_decay", "rho", "alpha", "augment", "evals")
+
+
+def _canonical(value):
+    return float(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
+
 def pretrain_key(options: QuantizeOptions, data: DomainSet) -> str:
-    key = {
-        "arch": options.model, "data": _data_identity(options.data), "image_size": data.image_size,
-        "target": options.target_domain, "holdout": options.holdout, "config": asdict(pretrain_config(options)),
-        "version": __version__,
-    }
+    # numbers as floats: --pretrain-epochs 10 and 10.0 are the same setting
+    key = {name: _canonical(getattr(options, name)) for name in PRETRAIN_SETTINGS}
+    key.update(data=_data_identity(options.data), image_size=data.image_size)
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
 
 
@@ -178,7 +187,8 @@ def full_precision_model(options: QuantizeOptions, data: DomainSet, split: Split
     progress({"phase": "pretrain", "total": trainer.total_steps})
     resume = _resume_state(options, "pretrain", identity)
     result = trainer.fit(resume=training_state(resume) if resume else None)
-    report = {**split_accuracies(model, split, world), "steps": result.steps, "seconds": result.seconds}
+    report = {**split_accuracies(model, split, world), "steps": result.steps, "seconds": result.seconds,
+              "pretrain_key": key, "convergence": convergence(result.history, trainer.budget)}
     if options.use_cache and world.is_main:
         save_checkpoint(cached, model, options.model, data.num_classes, data.channels, data.image_size,
                         {"report": report, "kind": "pretrain"})
@@ -203,13 +213,30 @@ def quantize(options: QuantizeOptions, progress: Callable[[dict], None] = lambda
     if options.resume:
         options = resumed_options(options, explicit)
     validate(options)
-    if options.threads is not None:
-        torch.set_num_threads(options.threads)
-    # Recorded so that --resume uses the same count: it changes float summation order, and a
-    # resumed run reproduces the uninterrupted one bit for bit only with the same order.
-    options = replace(options, threads=torch.get_num_threads())
+    options = _with_threads(options)
     with joined_world(options.device) as world:
         return _quantize(options, progress if world.is_main else lambda record: None, world)
+
+
+def _with_threads(options: QuantizeOptions) -> QuantizeOptions:
+    """Apply ``--threads`` and record the count: it changes float summation order, and a resumed
+    run reproduces the uninterrupted one bit for bit only with the same order."""
+    if options.threads is not None:
+        torch.set_num_threads(options.threads)
+    return replace(options, threads=torch.get_num_threads())
+
+
+def pretrain(options: QuantizeOptions, progress: Callable[[dict], None] = lambda record: None) -> dict:
+    """Only the cached full-precision pre-training that ``quantize`` starts from (a benchmark's
+    pre-training phase): trains and caches it unless the cache holds it and returns its report.
+    ``options.resume`` (a run folder) continues an interrupted pre-training from its checkpoint."""
+    validate(options)
+    options = _with_threads(options)
+    with joined_world(options.device) as world:
+        data = load_domains(options.data, options.image_size)
+        split = split_domains(data, options.target_domain, options.holdout, options.seed)
+        _, report = full_precision_model(options, data, split, progress if world.is_main else lambda r: None, world)
+    return report
 
 
 def _quantize(options: QuantizeOptions, progress: Callable[[dict], None], world: World) -> dict:
@@ -248,10 +275,12 @@ def _quantize(options: QuantizeOptions, progress: Callable[[dict], None], world:
         "throughput": {"images_per_second": result.images_per_second, "processes": world.size},
         "full_precision": fp_report, "selected_step": result.best_step, "history": result.history,
         "data": options.data, "qtool_version": __version__,
+        "convergence": _convergence_report(fp_report, result, trainer),
         **trainer.callback_reports(),
     }
     if world.is_main:
         out = Path(options.out)
+        write_curve_plot(out / "convergence.png", {k: v for k, v in report["convergence"].items() if k != "rule"})
         save_checkpoint(out / "model.pt", qmodel, arch, data.num_classes, data.channels, data.image_size,
                         {"report": _summary(report), "options": asdict(options)})
         write_text_atomic(out / "report.json", json.dumps(report, indent=2))
@@ -259,6 +288,16 @@ def _quantize(options: QuantizeOptions, progress: Callable[[dict], None], world:
             if hasattr(callback, "write_artifacts"):
                 callback.write_artifacts(out)
     return report
+
+
+def _convergence_report(fp_report: dict, result, trainer: Trainer) -> dict:
+    """Both phases' model-selection curves with their verdict and budget (``qtool.train.convergence``);
+    the pre-training entry is absent for a user's checkpoint and for cache entries older than the curve."""
+    phases = {"rule": RULE}
+    if "convergence" in fp_report:
+        phases["pretrain"] = fp_report["convergence"]
+    phases["qat"] = convergence(result.history, trainer.budget)
+    return phases
 
 
 def _quantized(model: nn.Module, options: QuantizeOptions, method, act_bits: int) -> nn.Module:

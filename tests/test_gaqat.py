@@ -278,3 +278,157 @@ def test_gaqat_on_a_full_precision_run_is_a_clear_error(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(quantize_args(tmp_path, "--bits", "32"))
     assert "gaqat needs learned quantizer scales" in capsys.readouterr().err
+
+
+# -- freeze=layer (FQAT's layer-wise variant) ----------------------------------------------------
+
+class LayerToy:
+    """Layer "one" (weight + quantizers one.w, one.a), layer "two" (weight + quantizer two.w) and a
+    tensor quantizer "act.x" outside any layer (its own unit), with task-gradient signs we choose."""
+
+    def __init__(self, device="cpu", **options):
+        make = lambda n: nn.Parameter(torch.ones(n, device=device))  # noqa: E731
+        self.w1, self.s1w, self.s1a, self.w2, self.s2w, self.sx = make(3), make(2), make(1), make(2), make(1), make(1)
+        self.params = [self.w1, self.s1w, self.s1a, self.w2, self.s2w, self.sx]
+        scales = [ScaleParameter("one.w", "one", "one.w.scale", self.s1w), ScaleParameter("one.a", "one", "one.a.scale", self.s1a),
+                  ScaleParameter("two.w", "two", "two.w.scale", self.s2w), ScaleParameter("act.x", "act", "act.x.scale", self.sx)]
+        layers = {"one": [self.w1, self.s1w, self.s1a], "two": [self.w2, self.s2w]}
+        self.gaqat = GAQAT(scales, GAQATConfig.from_options({"freeze": "layer", **options}), layers)
+
+    def step(self, one, two, x):
+        """Task-gradient signs of the quantizers of layer one (both), layer two and act.x."""
+        signs = [P, one, one, P, two, x]
+        grad = [sign * torch.ones_like(p) for sign, p in zip(signs, self.params)]
+        perturbed = [torch.full_like(p, 0.5) for p in self.params]
+        grads = TwoPassGrads(self.params, grad, perturbed, [0.5 * (g + gp) for g, gp in zip(grad, perturbed)], 1.0, 1.1)
+        self.gaqat(grads)
+        return grads
+
+
+def test_freeze_layer_fills_fqat_defaults_unless_given():
+    config = GAQATConfig.from_options({"freeze": "layer", "window": 8})
+    assert (config.every, config.when, config.tau, config.warmup) == (1, "high", 0.6, 8)
+    config = GAQATConfig.from_options({"freeze": "layer", "tau": 0.3, "every": 2, "warmup": 0})
+    assert (config.every, config.tau, config.warmup) == (2, 0.3, 0)
+
+
+def test_freeze_layer_withholds_whole_unstable_layers_every_step():
+    toy = LayerToy(window=4)
+    assert toy.gaqat.units == ["one", "two", "act.x"]
+    flips = [P, N, P, N, P, N]
+    for step, sign in enumerate(flips):  # layer one flips every step, two and act.x are steady
+        grads = toy.step(sign, P, P)
+        if step < 3:  # warmup = window: no decision before the window is full
+            assert toy.gaqat.decisions == 0 and all(d is not None for d in grads.direction)
+    assert toy.gaqat.decisions == 3  # steps 4, 5, 6: decided every step
+    assert toy.gaqat.frozen.tolist() == [True, False, False]
+    # layer one's weight and both its scales get no gradient; the rest keep SAGM's direction
+    assert grads.direction[:3] == [None, None, None]
+    for i in (3, 4, 5):
+        assert torch.equal(grads.direction[i], 0.5 * (grads.grad[i] + grads.perturbed_grad[i]))
+    # layer one steadies: re-decided every step from the window, it unfreezes as soon as the
+    # window's flips fall to tau (N P N P: 1, P N P P: 2/3, N P P P: 1/3)
+    for frozen in (True, True, False):
+        grads = toy.step(P, P, P)
+        assert toy.gaqat.frozen.tolist() == [frozen, False, False]
+    assert all(d is not None for d in grads.direction)
+    report = toy.gaqat.report()["gaqat"]
+    assert report["unit"] == "layer" and report["decisions"] == 6
+    assert report["frozen_share"] == [5 / 6, 0.0, 0.0] and report["frozen_fraction"] == pytest.approx(5 / 18)
+    # per-step decisions are recorded once per window; rows stay per quantizer
+    assert report["check_steps"] == [4, 8] and report["frozen"][0] == [True, True, False, False]
+
+
+def test_a_layer_is_judged_by_the_mean_of_its_quantizers():
+    toy = LayerToy(window=3, tau=0.6)
+    for sign in (P, N, P):  # one.w and one.a both flip: 1.0; act.x flips too; two is steady
+        toy.step(sign, P, sign)
+    assert toy.gaqat.frozen.tolist() == [True, False, True]
+    assert toy.gaqat._per_unit(torch.tensor([1.0, 0.0, 0.5, 0.25])).tolist() == [0.5, 0.5, 0.25]
+
+
+def test_frozen_layer_is_not_stepped_by_adam_on_a_qtool_model():
+    from qtool.train.gaqat import _weighted_layers
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 10))
+    from qtool.quant.prepare import prepare
+
+    model = prepare(model, bits=4)
+    inputs, labels = torch.randn(4, 3, 8, 8), torch.randint(0, 10, (4,))
+    model(inputs)
+    scales = scale_parameters(model)
+    layers = _weighted_layers(model, scales)
+    assert set(layers) == {"0", "3"}
+    optimizer = SAGM(torch.optim.Adam(model.parameters(), lr=1e-2))
+    # measure below 1.01: every layer is frozen from the first decision (step 2, a full window) on
+    gaqat = GAQAT(scales, GAQATConfig(freeze="layer", window=2, every=1, when="low", tau=1.01, warmup=2), layers)
+    optimizer.hooks.append(gaqat)
+
+    def loss_fn(perturbed):
+        logits = model(inputs)
+        return F.cross_entropy(logits, labels), logits
+
+    optimizer.step(loss_fn)
+    optimizer.step(loss_fn)  # the first decision (full window) freezes both layers at step 2
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    adam_steps = {name: float(optimizer.base.state[p]["step"]) for name, p in model.named_parameters()}
+    optimizer.step(loss_fn)
+    assert all(gaqat.frozen.tolist())
+    for name, p in model.named_parameters():
+        assert torch.equal(p, before[name]), f"{name} moved while its layer was frozen"
+        assert float(optimizer.base.state[p]["step"]) == adam_steps[name]
+
+
+# -- devices: every GAQAT tensor lives where the scales live ---------------------------------------
+
+def test_hook_keeps_its_state_on_the_scales_device_meta():
+    toy = Toy(window=4, every=1000)  # no decision: meta tensors have no values to decide from
+    for name in ("weight", "scale_a", "scale_b"):
+        setattr(toy, name, nn.Parameter(getattr(toy, name).to("meta")))
+    toy.params = [toy.weight, toy.scale_a, toy.scale_b]
+    scales = [ScaleParameter("a", "", "a.scale", toy.scale_a), ScaleParameter("b", "", "b.scale", toy.scale_b)]
+    toy.gaqat = GAQAT(scales, GAQATConfig(window=4, every=1000))
+    grad = [torch.ones_like(p) for p in toy.params]
+    grads = TwoPassGrads(toy.params, grad, grad, list(grad), 1.0, 1.0)
+    for _ in range(3):
+        toy.gaqat(grads)
+    state = toy.gaqat
+    for tensor in (state.task_signs, state.smooth_signs, state.frozen, state._members, state._unit_of):
+        assert tensor.device.type == "meta"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("layer_wise", [False, True])
+def test_hook_decides_and_edits_on_cuda(layer_wise):
+    if layer_wise:
+        toy = LayerToy(device="cuda", window=4)
+        for sign in (P, N, P, N, P):
+            grads = toy.step(sign, P, P)
+        assert toy.gaqat.frozen.device.type == "cuda" and toy.gaqat.frozen.tolist() == [True, False, False]
+        assert grads.direction[0] is None and grads.direction[3].device.type == "cuda"
+    else:
+        toy = Toy(window=4, every=4, tau=0.2)
+        toy.params = [nn.Parameter(p.detach().cuda()) for p in toy.params]
+        scales = [ScaleParameter("a", "", "a.scale", toy.params[1]), ScaleParameter("b", "", "b.scale", toy.params[2])]
+        toy.gaqat = GAQAT(scales, GAQATConfig(window=4, every=4, tau=0.2))
+        for task_b in (P, N, P, N):
+            grad = [torch.tensor([0.3, -0.2, 0.5]), torch.tensor([2.0, 1.0]), torch.tensor([3.0 * task_b])]
+            grad = [g.cuda() for g in grad]
+            grads = TwoPassGrads(toy.params, grad, [-g for g in grad], [torch.zeros_like(g) for g in grad], 1.0, 1.0)
+            toy.gaqat(grads)
+        assert toy.gaqat.task_signs.device.type == "cuda" and toy.gaqat.frozen.tolist() == [True, False]
+        assert torch.equal(grads.direction[1], -0.5 * grad[1])
+    assert toy.gaqat.state_dict()["task_signs"].device.type == "cpu"  # checkpoints load anywhere
+
+
+def test_measure_plot_and_report_over_the_run(tmp_path):
+    toy = Toy(window=4, every=2)
+    for task_a in (P, N, P, P, N, P):
+        toy.step(task_a, P, N)
+    paths = toy.gaqat.write_artifacts(tmp_path)
+    assert [p.name for p in paths] == ["gaqat.png", "gaqat-measures.png"]
+    assert all(p.read_bytes()[:4] == b"\x89PNG" for p in paths)
+    report = toy.gaqat.report()["gaqat"]
+    assert len(report["disorder"]) == len(report["conflict"]) == len(report["check_steps"]) == 3
+    assert report["unit"] == "quantizer" and report["units"] == ["a", "b"]

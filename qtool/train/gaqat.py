@@ -17,25 +17,33 @@ Freezing a component removes its term from ``d`` for that quantizer's scales onl
 the other scales keep SAGM's direction. Adam then steps with the edited direction (so a fully
 frozen scale still coasts on Adam's momentum, as in any direction-editing hook).
 
-The paper's method section is not public; every reading that is not certain is an option
-(see docs/GAQAT.md and docs/research notes).
+``freeze=layer`` is the layer-wise variant of the authors' follow-up, FQAT (arXiv:2509.00859,
+"disorder-guided adaptive freezing ... which layers to freeze at each training step"): the unit
+is a layer (its quantizers' measures averaged), the decision is re-made every step from the
+window, and a frozen layer (weights, bias and scales) is not stepped at all that step: its
+gradient is withheld from Adam, so neither its value nor Adam's moments move. Its defaults
+(``LAYER_DEFAULTS``) freeze the unstable layers, those whose g_task flips more than chance.
+
+The papers' method sections are not public; every reading that is not certain is an option
+(see docs/GAQAT.md).
 """
 
 from __future__ import annotations
 
+import statistics
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
 
 from qtool.errors import QtoolError
-from qtool.plots import write_heatmap
+from qtool.plots import Panel, write_heatmap, write_panels
 from qtool.quant.scales import ScaleParameter, scale_parameters
 from qtool.train.methods import Method, register
 from qtool.train.optim import SAGM, TwoPassGrads
 
 CHOICES = {
-    "freeze": ("task", "smooth", "all"),
+    "freeze": ("task", "smooth", "all", "layer"),
     "when": ("low", "high"),
     "measure": ("disorder", "conflict"),
     "smooth": ("perturbed", "gap"),
@@ -54,9 +62,14 @@ class GAQATConfig:
     permanent: bool = False  # once frozen, stay frozen
     warmup: int = 0  # no decisions before this step
 
+    @property
+    def layer_wise(self) -> bool:
+        return self.freeze == "layer"
+
     @classmethod
     def from_options(cls, options: dict) -> "GAQATConfig":
-        """Validate ``-O KEY=VALUE`` options; a mistake is one QtoolError line."""
+        """Validate ``-O KEY=VALUE`` options; a mistake is one QtoolError line. ``freeze=layer``
+        fills the options it was not given from ``LAYER_DEFAULTS``."""
         known = {f.name: f for f in fields(cls)}
         unknown = sorted(set(options) - set(known))
         if unknown:
@@ -76,6 +89,9 @@ class GAQATConfig:
             elif value not in CHOICES[key]:
                 raise QtoolError(f"gaqat option {key} must be one of {', '.join(CHOICES[key])}, got {value!r}")
             values[key] = value
+        if values.get("freeze") == "layer":
+            window = values.get("window", cls.window)
+            values = {**LAYER_DEFAULTS, "warmup": window, **values}
         config = cls(**values)
         if config.window < 2:
             raise QtoolError(f"gaqat option window must be at least 2 (a flip needs two steps), got {config.window}")
@@ -84,6 +100,12 @@ class GAQATConfig:
         if not 0.0 <= config.tau <= 1.0:
             raise QtoolError(f"gaqat option tau is a fraction of steps, in [0, 1]; got {config.tau}")
         return config
+
+
+# freeze=layer (FQAT): decide every step, from a full window, and freeze the layers whose g_task
+# flips in more than 60 % of consecutive steps (random signs: 50 %, about 18 % of random windows
+# of 20 steps exceed 60 %).
+LAYER_DEFAULTS = {"every": 1, "when": "high", "tau": 0.6}
 
 
 def disorder(signs: torch.Tensor) -> torch.Tensor:
@@ -104,9 +126,16 @@ class GAQAT:
     The decision unit is a quantizer: the weight and the input quantizer of a layer are judged
     separately, because their scales live in different units and are pulled by different terms.
     A quantizer's gradient sign is the sign of the sum of its scale gradient (over channels).
+    With ``freeze=layer`` the unit is a layer of ``layers`` (layer name -> its parameters, which
+    freezing it withholds): the mean of its quantizers' measures decides. A quantizer whose layer
+    is not in ``layers`` (a tensor quantizer of graph placement, between layers) is a unit alone.
+
+    Every tensor of the state lives on the scales' device and follows them when the model moves;
+    a step makes no host round trip (the decisions are copied to Python once, when made).
     """
 
-    def __init__(self, scales: list[ScaleParameter], config: GAQATConfig = GAQATConfig()):
+    def __init__(self, scales: list[ScaleParameter], config: GAQATConfig = GAQATConfig(),
+                 layers: dict[str, list[torch.nn.Parameter]] | None = None):
         if not scales:
             raise QtoolError("gaqat needs learned quantizer scales, and this model has none "
                              "(is it full precision? use --bits 2, 3, 4 or 8)")
@@ -114,20 +143,42 @@ class GAQAT:
         self.quantizers: list[str] = list(dict.fromkeys(s.quantizer for s in scales))
         position = {name: i for i, name in enumerate(self.quantizers)}
         self.members = [position[s.quantizer] for s in scales]  # scale -> its quantizer
-        self._members = torch.tensor(self.members)
         self.scales = [s.parameter for s in scales]
+        layers = layers or {}
+        unit_name = {s.quantizer: s.layer if config.layer_wise and s.layer in layers else s.quantizer for s in scales}
+        self.units = list(dict.fromkeys(unit_name[q] for q in self.quantizers))
+        unit_position = {name: i for i, name in enumerate(self.units)}
+        self.unit_of = [unit_position[unit_name[q]] for q in self.quantizers]  # quantizer -> unit
+        self.unit_params = self._unit_parameters(scales, layers, unit_name) if config.layer_wise else []
         self._index: list[int] | None = None  # scale -> position in the optimizer's params
+        self._unit_index: list[list[int]] = []  # unit -> positions of the parameters freezing it withholds
 
+        device = self.scales[0].device
         count = len(self.quantizers)
         self.step = 0
-        self.task_signs = torch.zeros(config.window, count, dtype=torch.int8)
-        self.smooth_signs = torch.zeros(config.window, count, dtype=torch.int8)
-        self.frozen = torch.zeros(count, dtype=torch.bool)
+        self.task_signs = torch.zeros(config.window, count, dtype=torch.int8, device=device)
+        self.smooth_signs = torch.zeros(config.window, count, dtype=torch.int8, device=device)
+        self.frozen = torch.zeros(len(self.units), dtype=torch.bool, device=device)
+        self._members = torch.tensor(self.members, device=device)
+        self._unit_of = torch.tensor(self.unit_of, device=device)
+        self._frozen_now = [False] * len(self.units)  # self.frozen on the host
+        self.decisions = 0
+        self.frozen_counts = [0] * len(self.units)  # per unit: decisions that froze it
         self.history: dict[str, list] = {"step": [], "disorder": [], "conflict": [], "frozen": []}
+
+    def _unit_parameters(self, scales: list[ScaleParameter], layers: dict, unit_name: dict) -> list[list]:
+        """Per unit, what freezing it withholds: the layer's parameters and its quantizers' scales."""
+        params = {unit: list(layers.get(unit, [])) for unit in self.units}
+        for s in scales:
+            unit = params[unit_name[s.quantizer]]
+            if not any(p is s.parameter for p in unit):
+                unit.append(s.parameter)
+        return [params[unit] for unit in self.units]
 
     # -- the hook -----------------------------------------------------------------------------
     def __call__(self, grads: TwoPassGrads) -> None:
         index = self._positions(grads.params)
+        self._follow(grads.grad[index[0]].device)
         task = self._per_quantizer([grads.grad[i] for i in index])
         perturbed = self._per_quantizer([grads.perturbed_grad[i] for i in index])
         smooth = perturbed - task if self.config.smooth == "gap" else perturbed
@@ -138,22 +189,31 @@ class GAQAT:
         config = self.config
         if self.step >= max(config.warmup, 2) and self.step % config.every == 0:
             self.decide()
-        if self.frozen.any():
-            self._edit(grads, index)
+        if any(self._frozen_now):
+            self._withhold(grads) if config.layer_wise else self._edit(grads, index)
 
     def _positions(self, params: list[torch.nn.Parameter]) -> list[int]:
-        """Where each scale sits in the optimizer's parameter list (looked up once)."""
+        """Where each scale (and each parameter a frozen layer withholds) sits in the optimizer's
+        parameter list (looked up once)."""
         if self._index is None or any(params[i] is not p for i, p in zip(self._index, self.scales)):
             where = {id(p): i for i, p in enumerate(params)}
             missing = [i for i, p in enumerate(self.scales) if id(p) not in where]
             if missing:
                 raise ValueError(f"quantizer {self.quantizers[self.members[missing[0]]]} has a scale the optimizer does not train")
             self._index = [where[id(p)] for p in self.scales]
+            # a layer parameter the optimizer does not train has nothing to withhold
+            self._unit_index = [[where[id(p)] for p in unit if id(p) in where] for unit in self.unit_params]
         return self._index
 
+    def _follow(self, device: torch.device) -> None:
+        """Move the state to the gradients' device (a model moved after GAQAT was built)."""
+        if self.task_signs.device != device:
+            for name in ("task_signs", "smooth_signs", "frozen", "_members", "_unit_of"):
+                setattr(self, name, getattr(self, name).to(device))
+
     def _per_quantizer(self, tensors: list[torch.Tensor]) -> torch.Tensor:
-        totals = torch.zeros(len(self.quantizers), dtype=torch.float64)
         sums = torch.stack([t.sum(dtype=torch.float64) for t in tensors])
+        totals = torch.zeros(len(self.quantizers), dtype=torch.float64, device=sums.device)
         return totals.index_add_(0, self._members, sums)
 
     def _window(self, signs: torch.Tensor) -> torch.Tensor:
@@ -168,25 +228,38 @@ class GAQAT:
         task, smooth = self._window(self.task_signs), self._window(self.smooth_signs)
         return disorder(task), conflict(task, smooth)
 
+    def _per_unit(self, values: torch.Tensor) -> torch.Tensor:
+        """A per-quantizer measure per decision unit: a layer's is the mean over its quantizers."""
+        if not self.config.layer_wise:
+            return values
+        totals = torch.zeros(len(self.units), dtype=values.dtype, device=values.device).index_add_(0, self._unit_of, values)
+        counts = torch.zeros_like(totals).index_add_(0, self._unit_of, torch.ones_like(values))
+        return totals / counts
+
     def decide(self) -> None:
-        """Re-decide which quantizers are frozen, and record the check."""
+        """Re-decide which units are frozen, and record the check (with per-step decisions,
+        ``freeze=layer``, one check per window, so report.json stays small)."""
         config = self.config
         disorder_now, conflict_now = self.measures()
-        value = disorder_now if config.measure == "disorder" else conflict_now
+        value = self._per_unit(disorder_now if config.measure == "disorder" else conflict_now)
         frozen = value < config.tau if config.when == "low" else value > config.tau
         self.frozen = frozen | self.frozen if config.permanent else frozen
-        self.history["step"].append(self.step)
-        self.history["disorder"].append([round(float(v), 4) for v in disorder_now])
-        self.history["conflict"].append([round(float(v), 4) for v in conflict_now])
-        self.history["frozen"].append([bool(v) for v in self.frozen])
+        self._frozen_now = self.frozen.tolist()
+        self.decisions += 1
+        self.frozen_counts = [count + frozen for count, frozen in zip(self.frozen_counts, self._frozen_now)]
+        gap = config.window if config.layer_wise else 1
+        if not self.history["step"] or self.step - self.history["step"][-1] >= gap:
+            self.history["step"].append(self.step)
+            self.history["disorder"].append([round(v, 4) for v in disorder_now.tolist()])
+            self.history["conflict"].append([round(v, 4) for v in conflict_now.tolist()])
+            self.history["frozen"].append([self._frozen_now[unit] for unit in self.unit_of])  # per quantizer
 
     def _edit(self, grads: TwoPassGrads, index: list[int]) -> None:
         """Replace SAGM's direction ``task_part + smooth_part`` of the frozen quantizers' scales by
         the part that is kept (computed from g and g_p directly, so nothing is lost to cancellation)."""
         freeze, gap = self.config.freeze, self.config.smooth == "gap"
-        frozen = self.frozen.tolist()
         for scale, position in enumerate(index):
-            if not frozen[self.members[scale]]:
+            if not self._frozen_now[self.members[scale]]:
                 continue
             g, g_p = grads.grad[position], grads.perturbed_grad[position]
             if freeze == "task":
@@ -197,40 +270,57 @@ class GAQAT:
                 kept = torch.zeros_like(g)
             grads.direction[position] = kept
 
+    def _withhold(self, grads: TwoPassGrads) -> None:
+        """``freeze=layer``: a frozen layer's parameters get no gradient (None), so the base
+        optimizer skips them this step: no update, Adam's moments untouched (a zero direction
+        would still move them on momentum)."""
+        for unit, frozen in enumerate(self._frozen_now):
+            if frozen:
+                for position in self._unit_index[unit]:
+                    grads.direction[position] = None
+
     # -- the callback ---------------------------------------------------------------------------
     def report(self) -> dict:
-        checks = len(self.history["step"])
-        frozen_share = [sum(row) / len(row) for row in self.history["frozen"]]
+        units, decisions = len(self.units), self.decisions
         return {"gaqat": {
-            "layers": self.quantizers,
+            "layers": self.quantizers,  # one row per quantizer in conflict, disorder, frozen
             "conflict": self.history["conflict"],
             "disorder": self.history["disorder"],
             "frozen": self.history["frozen"],
             "check_steps": self.history["step"],
             "every": self.config.every,
-            "frozen_fraction": sum(frozen_share) / checks if checks else 0.0,
+            "frozen_fraction": sum(self.frozen_counts) / (decisions * units) if decisions else 0.0,
+            "unit": "layer" if self.config.layer_wise else "quantizer",
+            "units": self.units,
+            "decisions": decisions,
+            "frozen_share": [count / decisions if decisions else 0.0 for count in self.frozen_counts],
             "config": asdict(self.config),
         }}
 
-    def write_artifacts(self, out_dir: str | Path) -> Path:
-        """``gaqat.png``: the deciding measure per quantizer (rows) and check (columns), frozen cells dotted."""
+    def write_artifacts(self, out_dir: str | Path) -> list[Path]:
+        """``gaqat.png``: the deciding measure per quantizer (rows) and check (columns), frozen cells
+        dotted; ``gaqat-measures.png``: disorder and conflict over the run, by depth."""
         config = self.config
         measure = {"disorder": "disorder of g_task", "conflict": "sign conflict of g_task and g_smooth"}[config.measure]
-        frozen = {"task": "g_task frozen", "smooth": "g_smooth frozen", "all": "scale frozen"}[config.freeze]
+        frozen = {"task": "g_task frozen", "smooth": "g_smooth frozen", "all": "scale frozen",
+                  "layer": "layer frozen"}[config.freeze]
         rule = f"{config.measure} {'<' if config.when == 'low' else '>'} {config.tau}"
-        return write_heatmap(
+        heatmap = write_heatmap(
             Path(out_dir) / "gaqat.png", self.history[config.measure], self.quantizers,
             [str(step) for step in self.history["step"]], self.history["frozen"],
             title=f"GAQAT: {measure} per quantizer (window {config.window} steps)\n"
                   f"red dots: {frozen} ({rule}{', permanent' if config.permanent else ''})",
             colorbar=config.measure, xlabel="training step of the check",
         )
+        return [heatmap, write_measure_plot(Path(out_dir) / "gaqat-measures.png", self.history, config.window)]
 
     def state_dict(self) -> dict:
+        """On the CPU, so a checkpoint loads on any machine."""
         return {
             "quantizers": list(self.quantizers), "config": asdict(self.config), "step": self.step,
-            "task_signs": self.task_signs.clone(), "smooth_signs": self.smooth_signs.clone(),
-            "frozen": self.frozen.clone(), "history": {k: list(v) for k, v in self.history.items()},
+            "task_signs": self.task_signs.to("cpu", copy=True), "smooth_signs": self.smooth_signs.to("cpu", copy=True),
+            "frozen": self.frozen.to("cpu", copy=True), "history": {k: list(v) for k, v in self.history.items()},
+            "decisions": self.decisions, "frozen_counts": list(self.frozen_counts),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -242,8 +332,45 @@ class GAQAT:
         self.step = int(state["step"])
         self.task_signs.copy_(state["task_signs"])
         self.smooth_signs.copy_(state["smooth_signs"])
-        self.frozen = state["frozen"].clone()
+        self.frozen = state["frozen"].to(self.task_signs.device, copy=True)
+        self._frozen_now = self.frozen.tolist()
         self.history = {k: list(v) for k, v in state["history"].items()}
+        # checkpoints written before the counters recorded every decision as a check
+        self.decisions = int(state.get("decisions", len(self.history["step"])))
+        self.frozen_counts = list(state.get("frozen_counts", [sum(column) for column in zip(*self.history["frozen"])]
+                                            or [0] * len(self.units)))
+
+
+def write_measure_plot(path: Path, history: dict, window: int) -> Path:
+    """Disorder of g_task and task/smooth conflict over the run: the median over quantizers and the
+    mean of the lower, middle and upper third of the network (quantizers in registration order)."""
+    steps = history["step"]
+    count = len(history["disorder"][0]) if history["disorder"] else 0
+    thirds = {"lower third": range(0, count // 3), "middle third": range(count // 3, 2 * count // 3),
+              "upper third": range(2 * count // 3, count)}
+
+    def lines(rows: list[list[float]]) -> dict:
+        found = {"median": (steps, [statistics.median(row) for row in rows])}
+        for name, members in thirds.items():
+            if members:
+                found[name] = (steps, [statistics.fmean(row[i] for i in members) for row in rows])
+        return found
+
+    panels = [Panel(f"disorder of g_task (window {window})", "share of sign flips", lines(history["disorder"])),
+              Panel("task/smooth sign conflict", "share of steps with opposite signs", lines(history["conflict"]))]
+    return write_panels(path, panels, title="GAQAT measures per quantizer over the run") if steps else path
+
+
+def _weighted_layers(model, scales: list[ScaleParameter]) -> dict[str, list[torch.nn.Parameter]]:
+    """The layers of ``scales`` that hold parameters besides quantizer scales (a conv, a linear),
+    with all their parameters; a container of tensor quantizers is no layer."""
+    scale_ids = {id(s.parameter) for s in scales}
+    found = {}
+    for name in dict.fromkeys(s.layer for s in scales):
+        params = list(model.get_submodule(name).parameters()) if name else []
+        if any(id(p) not in scale_ids for p in params):
+            found[name] = params
+    return found
 
 
 def setup(model, trainer, options: dict) -> list:
@@ -251,7 +378,8 @@ def setup(model, trainer, options: dict) -> list:
     config = GAQATConfig.from_options(options)
     if not isinstance(trainer.optimizer, SAGM):
         raise QtoolError("gaqat edits SAGM's two-pass direction; it needs the sagm optimizer")
-    gaqat = GAQAT(scale_parameters(model), config)
+    scales = scale_parameters(model)
+    gaqat = GAQAT(scales, config, _weighted_layers(model, scales) if config.layer_wise else None)
     trainer.optimizer.hooks.append(gaqat)
     return [*trainer.callbacks, gaqat]
 

@@ -147,6 +147,13 @@ class Trainer:
     def epochs(self) -> int:
         return math.ceil(self.total_steps / self.steps_per_epoch)
 
+    @property
+    def budget(self) -> dict:
+        """The training budget, as the report states it next to the convergence curve."""
+        return {"epochs": round(self.total_steps / self.steps_per_epoch, 3), "steps": self.total_steps,
+                "steps_per_epoch": self.steps_per_epoch, "batch_size": self.sampler.batch_size,
+                "evals": len(self._eval_steps())}
+
     def _eval_steps(self) -> set[int]:
         count = max(1, min(self.config.evals, self.total_steps))
         return {round(self.total_steps * (i + 1) / count) for i in range(count)}
@@ -259,6 +266,8 @@ class Trainer:
             raise RuntimeError(f"data-parallel replicas diverged by step {self.step}: ranks hold different weights")
         per_domain = source_validation_accuracy(self.model, self.split, self.world)
         record["val"] = sum(per_domain.values()) / len(per_domain)
+        record["val_per_domain"] = per_domain  # the convergence curve per domain (qtool.train.convergence)
+        record["epoch"] = round(self.step / self.steps_per_epoch, 3)
         self.selection.history.append(record)
         if record["val"] > self.selection.best_val:
             self.selection.best_val, self.selection.best_step = record["val"], self.step

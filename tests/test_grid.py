@@ -1,0 +1,76 @@
+"""benchmarks/gaqat_grid.py: the pre-training phase caches the starts the QAT runs then read (same
+cache key from both paths), results land in --results, and a re-invocation skips what is done."""
+
+import json
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import gaqat_grid  # noqa: E402
+
+
+class Captured(Exception):
+    pass
+
+
+def cli_options(monkeypatch, argv: list[str]):
+    """The QuantizeOptions the qtool CLI builds from ``argv`` (training replaced by a capture)."""
+    import qtool.pipeline
+    from qtool.cli import main
+
+    seen = {}
+
+    def capture(options, progress=None, explicit=None):
+        seen["options"] = options
+        raise Captured
+
+    monkeypatch.setattr(qtool.pipeline, "quantize", capture)
+    with pytest.raises(Captured):
+        main(argv)
+    return seen["options"]
+
+
+def test_pretrain_phase_and_qat_commands_share_the_cache_key(monkeypatch, tmp_path):
+    from qtool.pipeline import pretrain_key
+
+    args = gaqat_grid.parse_args(["--out", str(tmp_path), "--cache-dir", str(tmp_path / "cache"), "--pretrain-epochs", "3"])
+    data = SimpleNamespace(image_size=32)
+    _, rest = gaqat_grid.plan(args)
+    for job in (rest[("mnist_m", 1)][0], rest[("mnist_m", 1)][-1]):  # w4-lsq, w3-gaqat-layer
+        command = gaqat_grid.command(args, job)
+        options = cli_options(monkeypatch, command[3:])  # after "python -m qtool"
+        assert options.cache_dir == str(tmp_path / "cache") and options.device == "cpu" and options.threads == 1
+        assert pretrain_key(options, data) == pretrain_key(gaqat_grid.pretrain_options(args, "mnist_m", 1), data)
+    assert [job.name for job in rest[("mnist_m", 1)]][-1] == "w3-gaqat-layer"
+
+
+def test_default_data_is_the_readme_relative_path():
+    args = gaqat_grid.parse_args([])
+    repo = Path(gaqat_grid.__file__).resolve().parents[1]
+    assert Path(args.data).resolve() == (repo.parent / "shared" / "data" / "digits_dg.npz").resolve()
+    assert "/work/shared" not in Path(gaqat_grid.__file__).read_text()
+
+
+def test_grid_resumes_into_results_and_reuses_the_pretrained_start(digits_small, tmp_path, capsys):
+    common = ["--quick", "--data", digits_small, "--out", str(tmp_path / "runs"), "--results", str(tmp_path / "results"),
+              "--cache-dir", str(tmp_path / "cache"), "--evals", "3"]
+    gaqat_grid.main([*common, "--pretrain-only"])
+    start = json.loads((tmp_path / "results" / "mnist_m" / "seed0" / "fp-pretrain.json").read_text())
+    curve, budget = start["convergence"]["curve"], start["convergence"]["budget"]
+    assert curve and len(curve) == budget["evals"] and budget["steps"] == start["steps"]
+    gaqat_grid.main([*common, "--pretrain-only"])
+    assert "skip (done)" in capsys.readouterr().out
+
+    gaqat_grid.main([*common, "--methods", "lsq", "--no-overhead"])
+    results = sorted(p.name for p in (tmp_path / "results" / "mnist_m" / "seed0").iterdir())
+    assert results == ["fp-pretrain.json", "fp32-sagm.json", "w4-lsq.json"]
+    run = json.loads((tmp_path / "results" / "mnist_m" / "seed0" / "w4-lsq.json").read_text())
+    assert run["full_precision"]["pretrain_key"] == start["pretrain_key"]  # the cached start, not a new one
+    assert run["convergence"]["pretrain"] == start["convergence"] and len(run["convergence"]["qat"]["curve"]) == 3
+    assert run["device"] == "cpu" and "--method lsq" in run["command"]
+    capsys.readouterr()
+    gaqat_grid.main([*common, "--methods", "lsq", "--no-overhead"])
+    assert " s  " not in capsys.readouterr().out  # nothing ran again
