@@ -3,7 +3,9 @@ differences, and GAQAT's step-time overhead over SAGM.
 
     # 1. the full-precision starts only (one per target and seed), in this one process, resumable
     nice -n 5 python benchmarks/gaqat_grid.py --pretrain-only --cache-dir runs/grid-cache
-    # 2. the QAT grid from those starts (3 targets x 3 seeds; W4A4 and W3A3 x lsq/sagm/gaqat/gaqat-layer;
+    # 2. check that this checkout finds those starts (e.g. launched from a newer commit), then
+    python benchmarks/gaqat_grid.py --check-starts --cache-dir runs/grid-cache
+    # 3. the QAT grid from those starts (3 targets x 3 seeds; W4A4 and W3A3 x lsq/sagm/gaqat/gaqat-layer;
     #    FP SAGM with the same steps), then the overhead measurement and the summary tables
     python benchmarks/gaqat_grid.py --cache-dir runs/grid-cache --workers 2
     # an ablation variant of GAQAT on the same grid (the other runs are reused)
@@ -79,6 +81,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--cache-dir", default=None, help="FP pre-training cache (default OUT/cache)")
     parser.add_argument("--pretrain-only", action="store_true",
                         help="only train (or resume) the cached FP start of every (target, seed), in this process")
+    parser.add_argument("--check-starts", action="store_true",
+                        help="only say, per (target, seed), whether --cache-dir holds the FP start these options ask for")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"], help="passed to qtool quantize")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per run")
     parser.add_argument("--targets", nargs="+", default=list(TARGETS))
@@ -266,6 +270,23 @@ def run_pretraining(args) -> float:
     return time.perf_counter() - start
 
 
+def check_starts(args) -> bool:
+    """Whether the cache holds every pair's start under this checkout's key (a QAT phase launched
+    from a newer commit reuses the starts only if the key function and the settings agree)."""
+    from qtool.data import load_domains
+    from qtool.pipeline import pretrain_key
+
+    data = load_domains(args.data)
+    found = True
+    for seed in args.seeds:
+        for target in args.targets:
+            key = pretrain_key(pretrain_options(args, target, seed), data)
+            path = Path(cache_dir(args)) / f"resnet20-{key}.pt"
+            found &= path.exists()
+            print(f"{target} seed {seed}: {'cached' if path.exists() else 'MISSING'} {path}", flush=True)
+    return found
+
+
 def log_progress(name: str, record: dict) -> None:
     """One line per model-selection evaluation (and where the start came from)."""
     if "cached" in record:
@@ -401,6 +422,8 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     root = Path(args.out)
     root.mkdir(parents=True, exist_ok=True)
+    if args.check_starts:
+        sys.exit(0 if check_starts(args) else 1)
     if args.pretrain_only:
         seconds = run_pretraining(args)
         print(f"pre-training phase: {seconds / 60:.1f} min", flush=True)

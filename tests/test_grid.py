@@ -63,6 +63,12 @@ def test_grid_resumes_into_results_and_reuses_the_pretrained_start(digits_small,
     assert curve and len(curve) == budget["evals"] and budget["steps"] == start["steps"]
     gaqat_grid.main([*common, "--pretrain-only"])
     assert "skip (done)" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as found:
+        gaqat_grid.main([*common, "--check-starts"])
+    assert found.value.code == 0 and "mnist_m seed 0: cached" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as missing:  # other pre-training settings: another start
+        gaqat_grid.main([*common[1:], "--check-starts", "--targets", "mnist_m", "--seeds", "0", "--pretrain-epochs", "0.1"])
+    assert missing.value.code == 1 and "MISSING" in capsys.readouterr().out
 
     gaqat_grid.main([*common, "--methods", "lsq", "--no-overhead"])
     results = sorted(p.name for p in (tmp_path / "results" / "mnist_m" / "seed0").iterdir())
