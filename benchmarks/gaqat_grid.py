@@ -246,6 +246,7 @@ def run_pretraining(args) -> float:
     """Every pair's FP start, one after the other in this process (resumable: a finished start is
     skipped, an interrupted one continues from its last epoch checkpoint)."""
     from qtool.pipeline import pretrain
+    from qtool.train.convergence import write_curve_plot
 
     start = time.perf_counter()
     for seed in args.seeds:
@@ -264,6 +265,8 @@ def run_pretraining(args) -> float:
                                                 "seconds", "pretrain_key", "convergence") if k in report},
                       "wall_seconds_this_invocation": round(seconds, 1), "device": args.device, "threads": args.threads}
             write_result(path, record)
+            if "convergence" in report:
+                write_curve_plot(Path(options.out) / "convergence.png", {"pretrain": report["convergence"]})
             verdict = record.get("convergence", {}).get("converged")
             print(f"done {target} seed {seed}: source-val {100 * report['source_val_accuracy']:.2f} %, "
                   f"converged {verdict}, {seconds:.0f} s", flush=True)

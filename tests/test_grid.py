@@ -60,6 +60,7 @@ def test_grid_resumes_into_results_and_reuses_the_pretrained_start(digits_small,
     gaqat_grid.main([*common, "--pretrain-only"])
     start = json.loads((tmp_path / "results" / "mnist_m" / "seed0" / "fp-pretrain.json").read_text())
     curve, budget = start["convergence"]["curve"], start["convergence"]["budget"]
+    assert (tmp_path / "runs" / "mnist_m" / "seed0" / "fp-pretrain" / "convergence.png").exists()
     assert curve and len(curve) == budget["evals"] and budget["steps"] == start["steps"]
     gaqat_grid.main([*common, "--pretrain-only"])
     assert "skip (done)" in capsys.readouterr().out
