@@ -38,6 +38,8 @@ class Context:
     kwargs: dict | None = None
     output_shape: tuple = ()   # without the batch dimension
     input_shapes: tuple = ()   # of the tensor arguments, without the batch dimension
+    pieces: int = 0            # for an op returning several tensors (chunk, split): how many; named NAME__i
+    target: object = None      # the traced function or method name, for function adapters
 
     def tensor(self, suffix: str) -> str:
         """A name for an intermediate tensor of this layer."""
@@ -220,11 +222,177 @@ def _flatten(ctx: Context, start_dim: int, end_dim: int) -> list[Op]:
 
 # -- functions and tensor methods ---------------------------------------------------------
 
+# Elementwise functions of one tensor (and maybe a number): the IR op ``elementwise`` names one,
+# and the ONNX writer evaluates it with exactly these torch calls when it tabulates codes.
+ELEMENTWISE: dict[str, Callable[[torch.Tensor, float | None], torch.Tensor]] = {
+    "sigmoid": lambda x, _: torch.sigmoid(x),
+    "hardsigmoid": lambda x, _: F.hardsigmoid(x),
+    "hardswish": lambda x, _: F.hardswish(x),
+    "silu": lambda x, _: F.silu(x),
+    "tanh": lambda x, _: torch.tanh(x),
+    "gelu": lambda x, _: F.gelu(x),
+    "add": lambda x, c: x + c,
+    "sub": lambda x, c: x - c,
+    "rsub": lambda x, c: c - x,
+    "mul": lambda x, c: x * c,
+    "div": lambda x, c: x / c,
+    "clamp": lambda x, bounds: torch.clamp(x, *bounds),
+}
+ELEMENTWISE_MODULES = {nn.Sigmoid: "sigmoid", nn.Hardsigmoid: "hardsigmoid", nn.Hardswish: "hardswish",
+                       nn.SiLU: "silu", nn.Tanh: "tanh", nn.GELU: "gelu"}
+ELEMENTWISE_FUNCTIONS = {torch.sigmoid: "sigmoid", F.sigmoid: "sigmoid", "sigmoid": "sigmoid",
+                         F.hardsigmoid: "hardsigmoid", F.hardswish: "hardswish", F.silu: "silu",
+                         torch.tanh: "tanh", F.tanh: "tanh", "tanh": "tanh", F.gelu: "gelu"}
+
 @function_adapter(operator.add, operator.iadd, torch.add, "add", "add_")
 def add(ctx):
-    if len(ctx.inputs) != 2 or (ctx.kwargs or {}).get("alpha", 1) != 1:
-        raise ExportError(f"{ctx.layer}: only the sum of two tensors exports (got a constant or alpha)")
+    if (ctx.kwargs or {}).get("alpha", 1) != 1:
+        raise ExportError(f"{ctx.layer}: add with alpha cannot be exported")
+    if len(ctx.inputs) == 1:
+        return _scalar_op(ctx, "add")
+    if len(ctx.inputs) != 2:
+        raise ExportError(f"{ctx.layer}: only the sum of two tensors (or a tensor and a number) exports")
     return [Op("add", ctx.inputs, ctx.output, ctx.layer)]
+
+
+@function_adapter(operator.mul, operator.imul, torch.mul, "mul", "mul_")
+def mul(ctx):
+    if len(ctx.inputs) == 1:
+        return _scalar_op(ctx, "mul")
+    return [Op("mul", ctx.inputs, ctx.output, ctx.layer)]
+
+
+@function_adapter(operator.sub, operator.isub, torch.sub, "sub", "sub_")
+def sub(ctx):
+    if len(ctx.inputs) == 1:
+        return _scalar_op(ctx, "sub")
+    raise ExportError(f"{ctx.layer}: the difference of two tensors cannot be exported")
+
+
+@function_adapter(operator.truediv, operator.itruediv, torch.div, "div", "div_")
+def div(ctx):
+    if len(ctx.inputs) == 1 and ctx.arg(0, "input") == ctx.inputs[0]:
+        return _scalar_op(ctx, "div")
+    raise ExportError(f"{ctx.layer}: only division of a tensor by a number can be exported")
+
+
+def _scalar_op(ctx: Context, name: str) -> list[Op]:
+    """tensor (+ - * /) number, either order: an elementwise function of one tensor."""
+    first, second = ctx.arg(0, "input"), ctx.arg(1, "other")
+    tensor_first = first == ctx.inputs[0]
+    scalar = second if tensor_first else first
+    if not isinstance(scalar, (int, float)) or isinstance(scalar, bool):
+        raise ExportError(f"{ctx.layer}: {name} with a {type(scalar).__name__} operand cannot be exported")
+    scalar = float(scalar)
+    if name == "sub" and not tensor_first:
+        return [_elementwise(ctx, "rsub", scalar)]
+    return [_elementwise(ctx, name, scalar)]
+
+
+def _elementwise(ctx: Context, function: str, scalar: float | None = None) -> Op:
+    return Op("elementwise", ctx.inputs[:1], ctx.output, ctx.layer, {"function": function, "scalar": scalar})
+
+
+@module_adapter(nn.Sigmoid, nn.Hardsigmoid, nn.Hardswish, nn.SiLU, nn.Tanh, nn.GELU)
+def activation_module(module, ctx):
+    if isinstance(module, nn.GELU) and module.approximate != "none":
+        raise ExportError(f"{ctx.layer}: GELU(approximate={module.approximate!r}) cannot be exported")
+    return [_elementwise(ctx, ELEMENTWISE_MODULES[type(module)])]
+
+
+@function_adapter(torch.sigmoid, F.sigmoid, "sigmoid", F.hardsigmoid, F.hardswish, F.silu, torch.tanh, F.tanh, "tanh",
+                  F.gelu)
+def activation_function(ctx):
+    if (ctx.kwargs or {}).get("approximate", "none") != "none":
+        raise ExportError(f"{ctx.layer}: gelu(approximate=...) cannot be exported")
+    return [_elementwise(ctx, ELEMENTWISE_FUNCTIONS[ctx.target])]
+
+
+@function_adapter(torch.mean, "mean")
+def mean(ctx):
+    dims = ctx.arg(1, "dim")
+    dims = (dims,) if isinstance(dims, int) else tuple(dims or ())
+    rank = len(ctx.input_shapes[0]) + 1
+    if rank != 4 or sorted(d % rank for d in dims) != [2, 3]:
+        raise ExportError(f"{ctx.layer}: mean over dims {dims} cannot be exported; only the spatial mean (2, 3)")
+    if ctx.arg(2, "keepdim", False):
+        return [Op("global_avgpool", ctx.inputs, ctx.output, ctx.layer)]
+    pooled = ctx.tensor("pooled")
+    return [Op("global_avgpool", ctx.inputs, pooled, ctx.layer),
+            Op("reshape", [pooled], ctx.output, ctx.layer, {"shape": tuple(ctx.output_shape)})]
+
+
+@function_adapter(operator.getitem)
+def getitem(ctx):
+    """x[:, a:b] and the like: slices with constant bounds (no integer indexing of a dimension)."""
+    index = ctx.arg(1, "index")
+    index = index if isinstance(index, tuple) else (index,)
+    starts, ends, axes, steps = [], [], [], []
+    for axis, item in enumerate(index):
+        if item is Ellipsis or not isinstance(item, slice):
+            raise ExportError(f"{ctx.layer}: indexing with {item!r} cannot be exported; use slices")
+        if axis == 0 and item != slice(None):
+            raise ExportError(f"{ctx.layer}: slicing the batch dimension cannot be exported")
+        if item == slice(None):
+            continue
+        starts.append(0 if item.start is None else item.start)
+        ends.append(2**62 if item.stop is None else item.stop)
+        steps.append(1 if item.step is None else item.step)
+        axes.append(axis)
+    if not axes:
+        return []
+    return [Op("slice", ctx.inputs[:1], ctx.output, ctx.layer, {"starts": starts, "ends": ends, "axes": axes, "steps": steps})]
+
+
+@function_adapter(torch.chunk, "chunk", torch.split, "split")
+def split(ctx):
+    """chunk/split along one axis: one slice per piece, named NAME__i."""
+    axis = ctx.arg(2, "dim", 0)
+    rank = len(ctx.input_shapes[0]) + 1
+    axis %= rank
+    if axis == 0:
+        raise ExportError(f"{ctx.layer}: splitting the batch dimension cannot be exported")
+    size = ctx.input_shapes[0][axis - 1]
+    how = ctx.arg(1, "chunks" if ctx.target in (torch.chunk, "chunk") else "split_size_or_sections")
+    if ctx.target in (torch.chunk, "chunk"):
+        width = -(-size // how)
+        sizes = [min(width, size - start) for start in range(0, size, width)]
+    elif isinstance(how, int):
+        sizes = [min(how, size - start) for start in range(0, size, how)]
+    else:
+        sizes = list(how)
+    ops, start = [], 0
+    for index, width in enumerate(sizes):
+        ops.append(Op("slice", ctx.inputs[:1], f"{ctx.output}__{index}", ctx.layer,
+                      {"starts": [start], "ends": [start + width], "axes": [axis], "steps": [1]}))
+        start += width
+    return ops
+
+
+@function_adapter(torch.transpose, "transpose")
+def transpose(ctx):
+    rank = len(ctx.input_shapes[0]) + 1
+    a, b = ctx.arg(1, "dim0") % rank, ctx.arg(2, "dim1") % rank
+    if 0 in (a, b):
+        raise ExportError(f"{ctx.layer}: transposing the batch dimension cannot be exported")
+    perm = list(range(rank))
+    perm[a], perm[b] = perm[b], perm[a]
+    return [Op("transpose", ctx.inputs, ctx.output, ctx.layer, {"perm": perm})]
+
+
+@function_adapter(torch.permute, "permute")
+def permute(ctx):
+    dims = ctx.args[1:] if len(ctx.args) > 2 or not isinstance(ctx.arg(1, "dims"), (tuple, list)) else ctx.arg(1, "dims")
+    rank = len(ctx.input_shapes[0]) + 1
+    perm = [int(d) % rank for d in dims]
+    if perm[0] != 0:
+        raise ExportError(f"{ctx.layer}: permuting the batch dimension cannot be exported")
+    return [Op("transpose", ctx.inputs, ctx.output, ctx.layer, {"perm": perm})]
+
+
+@function_adapter(torch.squeeze, "squeeze", torch.unsqueeze, "unsqueeze")
+def squeeze(ctx):
+    return [Op("reshape", ctx.inputs, ctx.output, ctx.layer, {"shape": tuple(ctx.output_shape)})]
 
 
 @function_adapter(F.relu, torch.relu, "relu", "relu_")
@@ -311,36 +479,47 @@ def lsq_grid(quantizer, layer: str) -> Grid:
     return Grid(scale, 0, quantizer.qmin, quantizer.qmax)
 
 
-def lsq_weights(layer: nn.Module, name: str) -> Weights:
-    """The codes the forward pass uses: round(fake_quant(w) / |scale|) reproduces them exactly
-    (a negative learned step just mirrors the codes, and the grid is symmetric)."""
-    quantizer = layer.weight_quantizer
-    if not bool(quantizer.initialized):
-        raise ExportError(f"{name}: its weight quantizer was never run; run a batch or train before exporting")
-    with torch.no_grad():
-        scale = quantizer.scale.detach().reshape(-1).abs()
-        if bool((scale == 0).any()):
-            raise ExportError(f"{name}: a weight scale is zero; the model cannot be exported")
-        fake = quantizer(layer.weight.detach())
-        broadcast = scale.reshape((-1,) + (1,) * (fake.dim() - 1)) if scale.numel() > 1 else scale
-        codes = torch.round(fake / broadcast).to(torch.int32).numpy()
-    widest = max(-quantizer.qmin, quantizer.qmax)
-    lo, hi = (quantizer.qmin, quantizer.qmax) if bool((quantizer.scale > 0).all()) else (-widest, widest)
-    return Weights(codes, per_channel(float_array(scale), layer.weight.shape[0]), lo, hi)
+def lsq_quant(quantizer, inputs: list[str], output: str, layer: str) -> Op:
+    """A ``quant`` op for an LSQ quantizer; ``lsq`` keeps its signed float32 step and integer range,
+    so that the ONNX writer can tabulate a function's codes with the quantizer's own arithmetic."""
+    step = quantizer.scale.detach().float().reshape(-1)[:1].clone()
+    return Op("quant", inputs, output, layer, {"grid": lsq_grid(quantizer, layer),
+                                                "lsq": (step, quantizer.qmin, quantizer.qmax)})
+
+
+def integer_weighted_op(layer: nn.Module, ctx: Context, inputs: list[str], input_step: torch.Tensor | None) -> Op:
+    """A conv/linear op from the layer's integer view (``qtool.quant.integer``): the codes, steps
+    and, with the input's step known, the int32 bias the trained model rounds to."""
+    from qtool.quant.integer import integer_layer
+
+    if not bool(layer.weight_quantizer.initialized):
+        raise ExportError(f"{ctx.layer}: its weight quantizer was never run; run a batch or train before exporting")
+    view = integer_layer(layer, input_step)
+    if bool((view.weight_step == 0).any()):
+        raise ExportError(f"{ctx.layer}: a weight scale is zero; the model cannot be exported")
+    weights = Weights(view.codes.numpy(), view.weight_step.numpy(), view.lo, view.hi)
+    op = weighted_op(layer, ctx, inputs, weights, None if view.bias is None else view.bias.numpy())
+    if view.bias_codes is not None:
+        op.attrs["bias_codes"] = view.bias_codes.numpy()
+        op.attrs["bias_unit"] = view.unit.numpy()
+    return op
 
 
 def _register_qtool_layers() -> None:
     from qtool.quant.layers import QuantConv2d, QuantLinear
+    from qtool.quant.lsq import LSQQuantizer
+
+    @module_adapter(LSQQuantizer)
+    def tensor_quantizer(quantizer, ctx):
+        return [lsq_quant(quantizer, ctx.inputs, ctx.output, ctx.layer)]
 
     @module_adapter(QuantConv2d, QuantLinear)
     def lsq_layer(layer, ctx):
+        if layer.input_quantizer is None:  # graph-prepared: the input is on its producer's grid already
+            return [integer_weighted_op(layer, ctx, ctx.inputs, (ctx.kwargs or {}).get("input_step"))]
         quantized_input = ctx.tensor("in")
-        return [
-            Op("quant", ctx.inputs, quantized_input, ctx.layer, {"grid": lsq_grid(layer.input_quantizer, ctx.layer)}),
-            weighted_op(layer, ctx, [quantized_input], lsq_weights(layer, ctx.layer), float_array(layer.bias)),
-        ]
-
-
+        return [lsq_quant(layer.input_quantizer, ctx.inputs, quantized_input, ctx.layer),
+                integer_weighted_op(layer, ctx, [quantized_input], None)]
 
 
 def _register_qtool_binary_layers() -> None:

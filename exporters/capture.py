@@ -11,6 +11,8 @@ rewrite of its output afterwards anyway.
 
 from __future__ import annotations
 
+import operator
+
 import numpy as np
 import torch
 import torch.fx as fx
@@ -44,6 +46,10 @@ def _load_optional_adapters(model: nn.Module) -> None:
         import qtool.exporters.brevitas  # noqa: F401  (registers its adapters)
 
 
+def _is_activation(value) -> bool:
+    return isinstance(value, torch.Tensor) and value.is_floating_point()
+
+
 def _plain(value):
     """A Brevitas QuantTensor carries its float value in ``.value``."""
     return value.value if hasattr(value, "value") and hasattr(value, "scale") else value
@@ -57,19 +63,29 @@ class _Recorder(fx.Interpreter):
         self.shapes: dict[str, tuple] = {}
         self.ranges: dict[str, tuple[float, float]] = {}
         self.constants: dict[str, object] = {}
+        self.multi: dict[str, int] = {}  # nodes that return several tensors: how many
 
     def run_node(self, node: fx.Node):
         result = super().run_node(node)
         value = _plain(result)
-        if isinstance(value, torch.Tensor) and value.is_floating_point():
-            # Recorded before the next node runs: an in-place ReLU later cannot change it.
-            self.shapes.setdefault(node.name, tuple(value.shape[1:]))
-            low, high = (float(v) for v in torch.aminmax(value))
-            old = self.ranges.get(node.name, (low, high))
-            self.ranges[node.name] = (min(old[0], low), max(old[1], high))
+        if node.op == "get_attr":  # a parameter read as a value (a layer's input step): a constant
+            self.constants[node.name] = value
+        elif _is_activation(value):
+            self._record(node.name, value)
+        elif isinstance(value, (tuple, list)) and value and all(_is_activation(_plain(v)) for v in value):
+            self.multi[node.name] = len(value)  # chunk/split: each piece is a tensor of its own, NAME__i
+            for index, piece in enumerate(value):
+                self._record(f"{node.name}__{index}", _plain(piece))
         elif node.op != "output":
             self.constants[node.name] = value
         return result
+
+    def _record(self, name: str, value: torch.Tensor) -> None:
+        # Recorded before the next node runs: an in-place ReLU later cannot change it.
+        self.shapes.setdefault(name, tuple(value.shape[1:]))
+        low, high = (float(v) for v in torch.aminmax(value))
+        old = self.ranges.get(name, (low, high))
+        self.ranges[name] = (min(old[0], low), max(old[1], high))
 
 
 @torch.no_grad()
@@ -105,16 +121,26 @@ def _translate(module: fx.GraphModule, recorder: _Recorder) -> Graph:
             fx.node.map_arg(node.args[0], flat.append)
             outputs = [name_of(arg) for arg in flat]
             continue
-        if node.name not in tensors:
+        if _picks_piece(node, recorder.multi):  # chunk(...)[i]: the piece itself, no op
+            alias[node.name] = f"{node.args[0].name}__{node.args[1]}"
+            tensors.add(node.name)
+            recorder.shapes[node.name] = recorder.shapes[alias[node.name]]
+            continue
+        if node.name not in tensors and node.name not in recorder.multi:
             continue  # x.size(0) and friends: their values are in recorder.constants
         inputs, args, kwargs = call_args(node)
+        pieces = recorder.multi.get(node.name, 0)
+        output_shape = recorder.shapes[f"{node.name}__0"] if pieces else recorder.shapes[node.name]
         ctx = Context(layer=str(node.target) if node.op == "call_module" else node.name, inputs=inputs,
-                      output=node.name, args=args, kwargs=kwargs, output_shape=recorder.shapes[node.name],
+                      output=node.name, args=args, kwargs=kwargs, output_shape=output_shape, pieces=pieces, target=node.target,
                       input_shapes=tuple(recorder.shapes[name] for name in _tensor_args(node, tensors)))
         new_ops = _adapt(module, node, ctx)
         for op in new_ops:
             if op.output != node.name:
                 _describe_intermediate(recorder, op)
+        if pieces:
+            ops.extend(new_ops)
+            continue
         if not any(op.output == node.name for op in new_ops):
             if len(inputs) != 1:
                 raise ExportError(f"{ctx.layer}: produced no output")
@@ -123,6 +149,11 @@ def _translate(module: fx.GraphModule, recorder: _Recorder) -> Graph:
 
     return Graph(ops=ops, input=graph_input, outputs=outputs, input_shape=recorder.shapes[graph_input],
                  ranges=recorder.ranges, shapes=recorder.shapes)
+
+
+def _picks_piece(node: fx.Node, multi: dict[str, int]) -> bool:
+    return (node.op == "call_function" and node.target is operator.getitem and isinstance(node.args[0], fx.Node)
+            and node.args[0].name in multi and isinstance(node.args[1], int))
 
 
 def _tensor_args(node: fx.Node, tensors: set[str]) -> list[str]:

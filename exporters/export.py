@@ -1,7 +1,8 @@
 """``qtool.export``: a quantized PyTorch model -> an ONNX file onnxruntime runs on integer kernels.
 
     trace + calibrate (capture.py) -> fold BN, sink reshapes (passes.py) -> QDQ ONNX (onnx_graph.py)
-    -> onnx.checker (full check) -> onnxruntime's optimized graph must run every quantized layer
+    -> onnx.checker (full check) -> no u8 x s8 kernel may saturate without VNNI (bounds.py)
+    -> onnxruntime's optimized graph must run every quantized layer
     as an integer kernel -> optional verification against PyTorch (verify.py) -> atomic write.
 
 Nothing is written unless every check passed.
@@ -21,6 +22,7 @@ from torch import nn
 from qtool.atomic import atomic_path
 from qtool.errors import QtoolError
 from qtool.exporters.adapters import ExportError
+from qtool.exporters.bounds import saturating_kernels
 from qtool.exporters.capture import calibration_ranges_are_finite, capture
 from qtool.exporters.onnx_graph import OnnxBuilder
 from qtool.exporters.passes import prepare_graph
@@ -28,7 +30,7 @@ from qtool.exporters.verify import Verification, VerificationError, compare
 from qtool.onnxrt import float_layers, optimized_census
 
 WEIGHT_STORAGES = ("int8", "int4")
-NUMERICS = ("fast", "faithful")
+NUMERICS = ("faithful", "fast")
 DEFAULT_OPSET = {"int8": 17, "int4": 21}
 MAX_OPSET = 26  # the newest onnxruntime 1.32 loads
 
@@ -91,7 +93,7 @@ def _check_kernels(census: dict[str, int], quantized: int, floating: int) -> Non
 def export(model: nn.Module, example_input: torch.Tensor, path: str | os.PathLike, *,
            verify: torch.Tensor | None = None, labels: torch.Tensor | None = None,
            calibration: torch.Tensor | None = None, weight_storage: str = "int8", opset: int | None = None,
-           numerics: str = "fast", threads: int = 1) -> ExportResult:
+           numerics: str = "faithful", threads: int = 1) -> ExportResult:
     """Export ``model`` (qtool-prepared, Brevitas, or plain float) to ``path``.
 
     ``example_input`` fixes the input shape (any batch size). ``calibration`` (default: the
@@ -120,6 +122,10 @@ def export(model: nn.Module, example_input: torch.Tensor, path: str | os.PathLik
             onnx.checker.check_model(onnx_model, full_check=True)
         except onnx.checker.ValidationError as exc:
             raise ExportError(f"the ONNX checker rejects the exported graph: {str(exc).splitlines()[0]}") from None
+        saturating = saturating_kernels(onnx_model)
+        if saturating:  # the writer routes such layers to u8 x u8 kernels: this is a safety net
+            raise ExportError(f"integer kernel(s) {', '.join(saturating[:3])} could saturate int16 pair sums on x86 "
+                              "without VNNI; the export would not be exact on every CPU")
         data = onnx_model.SerializeToString()
         weighted = [op for op in graph.ops if op.kind in ("conv", "linear")]
         quantized = sum(op.attrs["weights"] is not None for op in weighted)

@@ -31,7 +31,7 @@ class ExportOptions:
     verify: int = 0
     calibration: int = 512
     weight_storage: str = "int8"
-    numerics: str = "fast"
+    numerics: str = "faithful"
     opset: int | None = None
     weights: str | None = None
     input_shape: tuple[int, ...] | None = None

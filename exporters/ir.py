@@ -105,9 +105,12 @@ class Op:
 # groupnorm: groups, eps, mul, add.
 # maxpool/avgpool: kernel, stride, padding, ceil_mode (+ count_include_pad). global_avgpool.
 # flatten; reshape: shape (without the batch dimension).
-KINDS = {"quant", "sign", "conv", "linear", "relu", "clip", "batchnorm", "groupnorm", "add", "cat", "maxpool", "avgpool",
-         "global_avgpool", "flatten", "reshape"}
-MOVEMENT = {"flatten", "reshape", "maxpool"}   # commute with a monotone elementwise quantizer
+# mul: two tensors. elementwise: function (a name in adapters.ELEMENTWISE), scalar; after
+#   fuse_elementwise, steps: the chain [(function, scalar)] up to the next quantizer.
+# slice: starts, ends, axes, steps. transpose: perm.
+KINDS = {"quant", "sign", "conv", "linear", "relu", "clip", "batchnorm", "groupnorm", "add", "mul", "cat", "maxpool",
+         "avgpool", "global_avgpool", "flatten", "reshape", "elementwise", "slice", "transpose"}
+MOVEMENT = {"flatten", "reshape", "maxpool", "slice", "transpose"}   # commute with an elementwise quantizer
 CLAMPS = {"relu", "clip"}                      # become integer bounds on a quantized tensor
 
 

@@ -20,11 +20,13 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
+import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from qtool.exporters.adapters import ExportError
+from qtool.exporters.adapters import ELEMENTWISE, ExportError
+from qtool.exporters.bounds import fits_pair_sums
 from qtool.exporters.ir import Graph, Grid, Op, Weights
-from qtool.exporters.passes import calibrated_grid, output_grid
+from qtool.exporters.passes import calibrated_grid, clamp_chain_end, output_grid
 
 _ONNX_TYPES = {"uint8": TensorProto.UINT8, "int8": TensorProto.INT8}
 INT32 = np.iinfo(np.int32)
@@ -62,6 +64,23 @@ def widening(weights: Weights, input_grid: Grid) -> np.ndarray:
     limit = min(127, 16383 // max(1, input_grid.hi))
     widest = np.abs(weights.codes).reshape(len(weights.scale), -1).max(axis=1)
     return np.maximum(1, limit // np.maximum(widest, 1)).astype(np.int64)
+
+
+def lookup_table(source: IntValue, steps: list[tuple], quant: Op) -> tuple[np.ndarray, Grid]:
+    """The output code for each of the 256 input codes: the float32 value PyTorch's fake
+    quantizer gives that code, the chain of torch functions, then the output quantizer's own
+    arithmetic (``round(clamp(y / step))``), so the table is the trained model's function."""
+    values = (torch.arange(256, dtype=torch.float32) - source.grid.zero_point) * torch.tensor(source.grid.scale, dtype=torch.float32)
+    for function, scalar in steps:
+        values = ELEMENTWISE[function](values, scalar)
+    grid = quant.attrs["grid"].as_uint8()
+    if "lsq" in quant.attrs:
+        step, qmin, qmax = quant.attrs["lsq"]
+        levels = torch.clamp(values / step, qmin, qmax).round() * (1 if float(step) > 0 else -1)
+        codes = levels.numpy().astype(np.int64) + grid.zero_point
+    else:
+        codes = np.round(values.numpy().astype(np.float64) / grid.scale) + grid.zero_point
+    return np.clip(codes, grid.lo, grid.hi).astype(np.uint8), grid
 
 
 class OnnxBuilder:
@@ -186,12 +205,15 @@ class OnnxBuilder:
         return name
 
     def bias(self, op: Op, input_grid: Grid, weight_scale: np.ndarray) -> str | None:
-        bias = op.attrs["bias"]
-        if bias is None:
+        """The int32 bias input of QLinearConv/QGemm, in units of input step x weight step
+        (float32, as onnxruntime requires): the trained model's own codes when it rounded its
+        bias so (a graph-prepared layer), else rounded here."""
+        if op.attrs["bias"] is None:
             return None
-        # onnxruntime's integer kernels assume bias scale = input scale * weight scale, in float32.
-        step = np.float32(input_grid.scale) * weight_scale.astype(np.float32)
-        codes = np.clip(np.round(bias / step.astype(np.float64)), INT32.min, INT32.max).astype(np.int32)
+        codes, step = op.attrs.get("bias_codes"), op.attrs.get("bias_unit")
+        if codes is None:
+            step = np.float32(input_grid.scale) * weight_scale.astype(np.float32)
+            codes = np.clip(np.round(op.attrs["bias"] / step.astype(np.float64)), INT32.min, INT32.max).astype(np.int32)
         scale = self.constant(step.astype(np.float32), f"{op.output}_b_scale")
         return self.node("DequantizeLinear", [self.constant(codes, f"{op.output}_b"), scale], f"{op.output}_b_dq", axis=0)
 
@@ -225,19 +247,21 @@ class OnnxBuilder:
             return self._float_weighted(op)
         x = self.int_of(op.inputs[0])  # a weight-only quantized layer gets a calibrated input grid
         grid, exact = output_grid(self.graph, op.output, share=self.numerics == "fast")
-        if self.numerics == "faithful" and not (exact and op.attrs["bias"] is None):
-            # PyTorch adds the float bias (batch norm's shift) to a float sum and rounds once, at
+        # The kernel's int32 bias is the trained one: the layer rounded it so, or has none.
+        trained_bias = op.attrs.get("bias_codes") is not None or op.attrs["bias"] is None
+        if not fits_pair_sums(self.materialize(op.inputs[0]).hi, np.abs(weights.codes).max(initial=0)):
+            # u8 x s8 would saturate without VNNI (see bounds.py): u8 x u8 integer kernels
+            return self._integer_layer(op, x, weights, grid if exact else None)
+        if self.numerics == "faithful" and (not trained_bias or (not exact and op.kind == "conv")):
+            # PyTorch adds this float bias (batch norm's shift) to a float sum and rounds once, at
             # the next quantizer: so does the graph. An int32 bias inside QLinearConv would be
-            # rounded to accumulator units first, which flips codes at rounding boundaries. (No
-            # bias and an output the model quantizes itself: QLinearConv is exact.)
-            if op.kind == "conv":
-                self.floats[op.output] = self._conv_integer(op, x, weights)
-                return
-            grid = None  # a linear layer: QGemm with a float output
-        elif not exact and op.kind == "linear":
-            grid = None
-        codes, grid_in = self.kernel_input(op.inputs[0])
-        multiplier = widening(weights, grid_in)
+            # rounded to accumulator units first, which flips codes at rounding boundaries. (And
+            # a conv output that is float in PyTorch stays float.)
+            return self._integer_layer(op, x, weights, None)
+        if not exact and op.kind == "linear":
+            grid = None  # QGemm with a float output
+        codes, grid_in = self.kernel_input(op.inputs[0], widen=not trained_bias)
+        multiplier = np.ones(len(weights.scale), np.int64) if trained_bias else widening(weights, grid_in)
         inputs = [self.node("DequantizeLinear", [codes, *self.grid_constants(grid_in)], f"{op.inputs[0]}_dq"),
                   self.weight(op, weights, multiplier)]
         bias = self.bias(op, grid_in, weights.scale / multiplier)
@@ -254,13 +278,14 @@ class OnnxBuilder:
 
     _conv = _linear = _weighted
 
-    def kernel_input(self, tensor: str) -> tuple[str, Grid]:
+    def kernel_input(self, tensor: str, widen: bool = True) -> tuple[str, Grid]:
         """The codes an integer kernel reads, and their grid. In faithful numerics an unsigned
-        2-7 bit grid is widened: codes times n (17 at 4 bits) on a step n times smaller, the same
-        values, so the int32 bias of the next kernel is rounded to a unit n times finer."""
+        2-7 bit grid feeding a layer with a float bias is widened: codes times n (17 at 4 bits)
+        on a step n times smaller, the same values, so the int32 bias of the next kernel is
+        rounded to a unit n times finer."""
         value = self.materialize(tensor)
         factor = 255 // max(value.hi, 1)
-        if self.numerics != "faithful" or value.grid.zero_point != 0 or value.lo < 0 or factor < 2:
+        if not widen or self.numerics != "faithful" or value.grid.zero_point != 0 or value.lo < 0 or factor < 2:
             return value.name, value.grid
         key = (value.name, factor)
         if key not in self._widened:
@@ -269,30 +294,54 @@ class OnnxBuilder:
         grid = value.grid
         return self._widened[key], Grid(grid.scale / factor, 0, 0, 255)
 
-    def _conv_integer(self, op: Op, x: IntValue, weights: Weights) -> str:
-        """ConvInteger (exact int32 accumulators) -> float scale and bias: a quantized conv whose
-        output stays float, e.g. into a residual sum. Weights go uint8 (code + 128, zero point
-        128): onnxruntime's ConvInteger is several times slower with int8 weights."""
-        shape = (1, -1, 1, 1)
+    def _integer_layer(self, op: Op, x: IntValue, weights: Weights, grid: Grid | None) -> None:
+        """ConvInteger/MatMulInteger with uint8 weights (code + 128, zero point 128): exact int32
+        sums on every CPU (onnxruntime's u8 x u8 path widens before multiplying, and its
+        ConvInteger is several times slower with int8 weights), then the float step and bias.
+        The output is float (into a float residual sum, the logits) or quantized to ``grid``."""
+        a = op.attrs
+        conv = op.kind == "conv"
         if self.weight_storage == "int4" and weights.bits <= 4:
             packed = self.int4_initializer(op, weights.codes)
             wide = self.node("Cast", [packed], f"{op.output}_w_int32", to=TensorProto.INT32)
             shifted = self.node("Add", [wide, self.constant(np.array(128, np.int32), "offset_128_i32")], f"{op.output}_w_shift")
             codes = self.node("Cast", [shifted], f"{op.output}_w_u8", to=TensorProto.UINT8)
+            if not conv:
+                codes = self.node("Transpose", [codes], f"{op.output}_w_t", perm=[1, 0])
         else:
-            codes = self.constant((weights.codes + 128).astype(np.uint8), f"{op.output}_w_u8")
+            stored = weights.codes + 128 if conv else (weights.codes + 128).T
+            codes = self.constant(np.ascontiguousarray(stored).astype(np.uint8), f"{op.output}_w_u8")
         value = self.materialize(op.inputs[0])
-        zero_point = self.constant(np.array(value.grid.zero_point, np.uint8), "zero_point_uint8")
-        a = op.attrs
-        accumulator = self.node("ConvInteger", [value.name, codes, zero_point, self.constant(np.array(128, np.uint8), "w_zero_point_u8")],
-                                f"{op.output}_acc", strides=list(a["stride"]), pads=list(a["padding"]) * 2,
-                                dilations=list(a["dilation"]), group=a["groups"])
-        step = (np.float32(x.grid.scale) * weights.scale.astype(np.float32)).reshape(shape)
+        zero_points = [self.constant(np.array(value.grid.zero_point, np.uint8), "zero_point_uint8"),
+                       self.constant(np.array(128, np.uint8), "w_zero_point_u8")]
+        if conv:
+            accumulator = self.node("ConvInteger", [value.name, codes, *zero_points], f"{op.output}_acc",
+                                    strides=list(a["stride"]), pads=list(a["padding"]) * 2,
+                                    dilations=list(a["dilation"]), group=a["groups"])
+        else:
+            self._check_linear_input(op)
+            accumulator = self.node("MatMulInteger", [value.name, codes, *zero_points], f"{op.output}_acc")
+        shape = (1, -1, 1, 1) if conv else (1, -1)
+        bias_codes = a.get("bias_codes")
+        if bias_codes is not None:  # the trained int32 bias, added to the int32 sums
+            accumulator = self.node("Add", [accumulator, self.constant(bias_codes.astype(np.int32).reshape(shape), f"{op.output}_b")],
+                                    f"{op.output}_acc_b")
+            step = a["bias_unit"].astype(np.float32).reshape(shape)
+        else:
+            step = (np.float32(x.grid.scale) * weights.scale.astype(np.float32)).reshape(shape)
         y = self.node("Mul", [self.node("Cast", [accumulator], f"{op.output}_acc_f32", to=TensorProto.FLOAT),
                               self.constant(step, f"{op.output}_step")], f"{op.output}_scaled")
-        if a["bias"] is not None:
+        if a["bias"] is not None and bias_codes is None:
             y = self.node("Add", [y, self.constant(a["bias"].astype(np.float32).reshape(shape), f"{op.output}_b")], op.output)
-        return y
+        if grid is None:
+            self.floats[op.output] = y
+        else:
+            self.ints[op.output] = self.quantize(y, grid, op.output)
+
+    def _check_linear_input(self, op: Op) -> None:
+        if len(self.graph.shapes.get(op.inputs[0], (0,))) != 1:
+            raise ExportError(f"{op.layer}: Linear on a {len(self.graph.shapes[op.inputs[0]]) + 1}-D input "
+                              "cannot be exported; flatten to (batch, features) first")
 
     def _float_weighted(self, op: Op) -> None:
         weight = self.constant(op.attrs["weight"].astype(np.float32), f"{op.output}_w")
@@ -303,9 +352,7 @@ class OnnxBuilder:
 
     def _compute(self, op: Op, inputs: list[str]) -> str:
         if op.kind == "linear":
-            if len(self.graph.shapes.get(op.inputs[0], (0,))) != 1:
-                raise ExportError(f"{op.layer}: Linear on a {len(self.graph.shapes[op.inputs[0]]) + 1}-D input "
-                                  "cannot be exported; flatten to (batch, features) first")
+            self._check_linear_input(op)
             return self.node("Gemm", inputs, op.output, readable=True, transB=1)
         pads = list(op.attrs["padding"]) * 2
         return self.node("Conv", inputs, op.output, readable=True, strides=list(op.attrs["stride"]), pads=pads,
@@ -349,19 +396,83 @@ class OnnxBuilder:
             self.approximated(op.output, "residual sum, float in PyTorch, computed on 8-bit operands and result "
                                          "(QLinearAdd)")
 
+    def _mul(self, op: Op) -> None:
+        """QLinearMul (squeeze-excitation's x * gate) when the product is quantized in the model
+        and both factors are codes; a float Mul otherwise."""
+        grid, exact = output_grid(self.graph, op.output)
+        if not (exact and all(name in self.ints for name in op.inputs)):
+            self.floats[op.output] = self.node("Mul", [self.float_of(name) for name in op.inputs], op.output)
+            return
+        product = self.node("Mul", [self.dequantized(name) for name in op.inputs], op.output)
+        self.ints[op.output] = self.quantize(product, grid, op.output)
+
+    def _elementwise(self, op: Op) -> None:
+        """Codes in, codes out: a 256-entry table built by running the model's own torch
+        functions and output quantizer on every input code (exact by construction; Gather).
+        Otherwise a float island with the ONNX operators of each step."""
+        steps = op.attrs.get("steps") or [(op.attrs["function"], op.attrs["scalar"])]
+        end = clamp_chain_end(self.graph, op.output)
+        readers = self.graph.consumers(end)
+        quants = [reader for reader in readers if reader.kind == "quant"]
+        if op.inputs[0] in self.ints and readers and len(quants) == len(readers) and all(
+                q.attrs["grid"].as_uint8().same_encoding(quants[0].attrs["grid"].as_uint8()) for q in quants):
+            source = self.materialize(op.inputs[0])
+            table, grid = lookup_table(source, steps, quants[0])
+            indices = self.node("Cast", [source.name], f"{op.output}_index", to=TensorProto.INT32)
+            codes = self.node("Gather", [self.constant(table, f"{op.output}_table"), indices], f"{op.output}_codes")
+            self.ints[op.output] = IntValue(codes, grid, grid.lo, grid.hi, (int(table.min()), int(table.max())))
+            return
+        x = self.float_of(op.inputs[0])
+        for index, (function, scalar) in enumerate(steps):
+            x = self._float_step(function, scalar, x, op.output if index == len(steps) - 1 else f"{op.output}_{index}")
+        self.floats[op.output] = x
+
+    def _float_step(self, function: str, scalar, x: str, hint: str) -> str:
+        readable = True
+        if function in ("sigmoid", "tanh"):
+            return self.node(function.capitalize(), [x], hint, readable)
+        if function == "hardsigmoid":
+            return self.node("HardSigmoid", [x], hint, readable, alpha=1 / 6, beta=0.5)
+        if function == "hardswish":
+            return self.node("HardSwish", [x], hint, readable)
+        if function == "silu":
+            return self.node("Mul", [x, self.node("Sigmoid", [x], f"{hint}_sigmoid")], hint, readable)
+        if function == "gelu":  # x * (1 + erf(x / sqrt 2)) / 2
+            scaled = self.node("Mul", [x, self.constant(np.array(2 ** -0.5, np.float32), "inv_sqrt2")], f"{hint}_s")
+            erf = self.node("Add", [self.node("Erf", [scaled], f"{hint}_erf"), self.constant(np.array(1.0, np.float32), "one_f32")], f"{hint}_e")
+            return self.node("Mul", [self.node("Mul", [x, erf], f"{hint}_m"), self.constant(np.array(0.5, np.float32), "half_f32")], hint, readable)
+        if function == "clamp":
+            bounds = ["" if v is None else self.constant(np.array(v, np.float32), "clip_f32") for v in scalar]
+            while bounds and bounds[-1] == "":
+                bounds.pop()
+            return self.node("Clip", [x] + bounds, hint, readable)
+        constant = self.constant(np.array(scalar, np.float32), "scalar_f32")
+        if function == "rsub":
+            return self.node("Sub", [constant, x], hint, readable)
+        return self.node(function.capitalize(), [x, constant], hint, readable)
+
+    def _slice(self, op: Op) -> None:
+        self._movement(op, "Slice")
+
+    def _transpose(self, op: Op) -> None:
+        self._movement(op, "Transpose", perm=list(op.attrs["perm"]))
+
     def _movement(self, op: Op, op_type: str, **attrs) -> None:
-        inputs = list(op.inputs)
+        """An op that moves values without computing (reshape, slice, pooling by max): on codes
+        when the input is codes, its pending clamp carried along to where the tensor is smaller."""
+        extra = self._extra_inputs(op)
         if op.inputs[0] in self.ints:
             source = self.ints[op.inputs[0]]
-            name = self.node(op_type, [source.name] + self._extra_inputs(op), op.output, **attrs)
+            name = self.node(op_type, [source.name] + extra, op.output, **attrs)
             self.ints[op.output] = IntValue(name, source.grid, source.lo, source.hi, source.known)
         else:
-            self.floats[op.output] = self.node(op_type, [self.float_of(inputs[0])] + self._extra_inputs(op),
-                                               op.output, **attrs)
+            self.floats[op.output] = self.node(op_type, [self.float_of(op.inputs[0])] + extra, op.output, **attrs)
 
     def _extra_inputs(self, op: Op) -> list[str]:
         if op.kind == "reshape":
             return [self.constant(np.array((-1,) + tuple(op.attrs["shape"]), np.int64), "shape")]
+        if op.kind == "slice":
+            return [self.constant(np.array(op.attrs[key], np.int64), f"slice_{key}") for key in ("starts", "ends", "axes", "steps")]
         return []
 
     def _maxpool(self, op: Op) -> None:
@@ -386,6 +497,15 @@ class OnnxBuilder:
         self.floats[op.output] = self.node("GlobalAveragePool", [self.float_of(op.inputs[0])], op.output)
 
     def _cat(self, op: Op) -> None:
+        """Codes on one grid (the inputs share a quantizer in a graph-prepared model): Concat
+        joins them as they are. Otherwise DQ -> Concat, quantized by whoever reads it."""
+        values = [self.ints.get(name) for name in op.inputs]
+        if all(values) and all(v.grid.same_encoding(values[0].grid) for v in values):
+            codes = [self.materialize(name) for name in op.inputs]
+            joined = self.node("Concat", [v.name for v in codes], op.output, axis=op.attrs["axis"])
+            low, high = min(v.lo for v in codes), max(v.hi for v in codes)
+            self.ints[op.output] = IntValue(joined, codes[0].grid, low, high, (low, high))
+            return
         self.floats[op.output] = self.node("Concat", [self.float_of(name) for name in op.inputs], op.output,
                                            axis=op.attrs["axis"])
 

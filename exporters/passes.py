@@ -116,6 +116,29 @@ def calibrated_grid(graph: Graph, tensor: str, reference: Grid | None = None, sh
     return Grid(float(scale), zero_point, 0, 255)
 
 
+def fuse_elementwise(graph: Graph) -> None:
+    """An elementwise function followed by more of them (and ReLU/clip) becomes one op whose
+    ``steps`` list the chain: one table from codes to codes when both ends are quantized."""
+    for op in [op for op in graph.ops if op.kind == "elementwise"]:
+        if op not in graph.ops:
+            continue  # absorbed into an earlier chain
+        steps = [(op.attrs["function"], op.attrs["scalar"])]
+        while True:
+            users = graph.consumers(op.output)
+            if len(users) != 1 or users[0].kind not in ("elementwise", "relu", "clip") or users[0].inputs != [op.output]:
+                break
+            user = users[0]
+            if user.kind == "elementwise":
+                steps.append((user.attrs["function"], user.attrs["scalar"]))
+            else:
+                bounds = (0.0, None) if user.kind == "relu" else (user.attrs["lo"], user.attrs["hi"])
+                steps.append(("clamp", bounds))
+            graph.ops.remove(user)
+            op.output = user.output
+        op.attrs["steps"] = steps
+
+
 def prepare_graph(graph: Graph) -> None:
     fold_batchnorm(graph)
     sink_movement(graph)
+    fuse_elementwise(graph)

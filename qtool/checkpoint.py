@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from qtool.atomic import atomic_path, write_text_atomic  # noqa: F401  (re-exported: callers import them from here)
+from qtool.atomic import atomic_path, write_text_atomic  # noqa: F401  (re-exported; new code imports qtool.atomic)
 from qtool.errors import QtoolError
 from qtool.models import ZOO, build_model
 from qtool.quant.prepare import apply_plan
@@ -87,7 +87,7 @@ def model_from_checkpoint(payload: dict) -> nn.Module:
     """Rebuild the architecture, apply the stored quantization plan, load the weights."""
     model = build_model(payload["arch"], payload["num_classes"], payload["in_channels"])
     if payload.get("plan"):
-        apply_plan(model, payload["plan"])
+        model = apply_plan(model, payload["plan"])
         model.qtool_plan = payload["plan"]
     try:
         model.load_state_dict(payload["state_dict"])

@@ -166,10 +166,12 @@ def eval_command(checkpoint, data, target_domain, json_path, threads):
 @click.option("--target-domain", default=None, help="Domain to verify on (default: the checkpoint's held-out domain).")
 @click.option("--weight-storage", type=click.Choice(["int8", "int4"]), default="int8", show_default=True,
               help="int4: opset-21 INT4 initializers, half the file; onnxruntime unpacks them to int8 at load.")
-@click.option("--numerics", type=click.Choice(["fast", "faithful"]), default="fast", show_default=True,
-              help="fast: residual sums on 8-bit grids (QLinearAdd), every layer fused, the fastest graph, but not "
-                   "PyTorch's numbers; faithful: float residual sums and float biases as in PyTorch (ConvInteger), "
-                   "so onnxruntime reproduces PyTorch's predictions, several times slower.")
+@click.option("--numerics", type=click.Choice(["faithful", "fast"]), default="faithful", show_default=True,
+              help="faithful: the graph computes the trained model; for a graph-prepared model (qtool's default) "
+                   "every layer is a fused integer kernel, for a layer-swapped one (a model torch.fx could not "
+                   "trace) its float residual sums and biases stay float (ConvInteger). fast: for such a model, "
+                   "fuse everything anyway by putting those float tensors on calibrated 8-bit grids: faster, but "
+                   "not the trained model's numbers (a graph-prepared model exports the same either way).")
 @click.option("--opset", type=int, default=None, help="ONNX opset (default 17; 21 with --weight-storage int4).")
 @click.option("--calibration", type=int, default=512, show_default=True,
               help="Source-domain images used to calibrate the tensors the model leaves in float (residual sums).")
@@ -260,18 +262,15 @@ def _parse_shape(text: str) -> tuple[int, ...]:
 @cli.command("build-kernels", context_settings=CONTEXT)
 @click.option("--verbose", "-v", is_flag=True, help="Show the compiler's output.")
 def build_kernels_command(verbose):
-    """Compile the low-bit kernels and the fused fake-quant op into the cache now (otherwise
-    the first use compiles them)."""
-    from qtool.lowbit.build import build_kernels
-    from qtool.quant.fake_quant import _fused
+    """Compile the op library (low-bit kernels and the fused training ops) into the cache now
+    (otherwise the first use compiles it)."""
+    from qtool.native.build import build_kernels
 
     try:
         path = build_kernels(verbose=verbose)
     except Exception as exc:  # noqa: BLE001 - a compiler failure is reported, not a traceback
         raise QtoolError(f"kernel build failed: {str(exc).strip().splitlines()[0][:300]}") from None
-    click.echo(f"low-bit kernels: {path}")
-    fused = _fused()
-    click.echo(f"fused fake-quant: {'built' if fused is not None else 'unavailable (PyTorch reference in use)'}")
+    click.echo(f"qtool op library: {path}")
 
 
 def _explicit_options(ctx: click.Context, model: str | None) -> set[str]:

@@ -35,8 +35,9 @@ def test_checkpoint_runs_on_the_kernels_like_the_trained_model(tmp_path, run_cli
     assert code == 0, err
     result = json.loads((tmp_path / "bench.json").read_text())
     assert kernel in result["converted"].values() and result["input_shape"] == [2, 3, 32, 32]
-    # 4-bit layers sum integer codes exactly; binary layers differ from the float conv by rounding only
-    assert result["max_abs_diff"] == 0.0 if exact else result["max_abs_diff"] < 1e-3
+    # 4-bit layers sum integer codes exactly (the float steps and bias are applied in another order
+    # than PyTorch's: rounding-level drift); binary layers differ from the float conv by rounding only
+    assert result["max_abs_diff"] < (1e-4 if exact else 1e-3)
     assert result["top1_agreement"] == 1.0
     row = result["results"][0]
     assert row["threads"] == 1 and row["speedup"] == pytest.approx(row["fp32_ms"] / row["kernels_ms"])

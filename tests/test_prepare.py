@@ -1,4 +1,4 @@
-"""prepare(): swaps Conv2d/Linear of any module for quantized layers, following a plan."""
+"""prepare(): quantized layers and tensor quantizers for any module, following a plan."""
 
 import copy
 
@@ -31,9 +31,11 @@ def test_prepare_swaps_layers_and_keeps_first_and_last_at_8_bits():
     model = TinyNet()
     q = prepare(model, bits=3, act_bits=4)
     assert isinstance(model.stem, nn.Conv2d) and not isinstance(model.stem, QuantConv2d)  # original untouched
-    assert isinstance(q.dw, QuantConv2d) and (q.dw.bits, q.dw.act_bits) == (3, 4)
-    assert (q.stem.bits, q.head.bits) == (8, 8) and isinstance(q.head, QuantLinear)
-    assert q.qtool_plan["pw"] == {"bits": 3, "act_bits": 4}
+    # graph placement: layers quantize weights; the tensor quantizer before them, their input
+    assert isinstance(q.dw, QuantConv2d) and q.dw.bits == 3 and q.dw.input_quantizer is None
+    # 8-bit edge layers store 7-bit weight codes (x86 without VNNI would saturate 8-bit ones)
+    assert (q.stem.bits, q.head.bits) == (7, 7) and isinstance(q.head, QuantLinear)
+    assert q.qtool_plan["pw"] == {"bits": 3, "act_bits": 4} and q.qtool_plan["stem"] == {"bits": 7, "act_bits": 8}
     assert torch.equal(q.dw.weight, model.dw.weight)
 
 
@@ -72,4 +74,5 @@ def test_state_dict_round_trip_restores_quantizer_decisions():
     fresh = prepare(TinyNet(), bits=4).eval()
     fresh.load_state_dict(copy.deepcopy(q.state_dict()))
     assert torch.equal(fresh(x), expected)
-    assert fresh.dw.input_quantizer.signed == q.dw.input_quantizer.signed
+    signs = lambda m: [a.signed for a in m.qtool_act.children()]
+    assert signs(fresh) == signs(q) and len(signs(q)) == 6  # input, 3 ReLU outputs, the sum, the mean

@@ -10,21 +10,31 @@ from qtool.quant.prepare import prepare, quantizable_layers
 from qtool.quant.scales import scale_parameters
 
 
-def test_qtool_model_lists_weight_and_input_scale_of_every_quantized_layer():
+def test_qtool_model_lists_weight_and_tensor_scales_of_every_quantizer():
     model = prepare(resnet20(), bits=4, act_bits=4)
     layers = [name for name, _ in quantizable_layers(model)]
+    tensors = [f"qtool_act.{name}" for name, _ in model.qtool_act.named_children()]
     scales = scale_parameters(model)
 
-    expected = [(f"{layer}.{role}", layer) for layer in layers for role in ("weight_quantizer", "input_quantizer")]
-    assert [(s.quantizer, s.layer) for s in scales] == expected
+    weights = [(f"{layer}.weight_quantizer", layer) for layer in layers]
+    assert sorted((s.quantizer, s.layer) for s in scales) == sorted(weights + [(t, t) for t in tensors])
+    assert len(tensors) == 32  # input, 19 conv outputs (after ReLU where there is one), 9 residual sums, ...
     parameters = dict(model.named_parameters())
     for s in scales:
         quantizer = model.get_submodule(s.quantizer)
         assert isinstance(quantizer, LSQQuantizer)
         assert s.parameter is quantizer.scale is parameters[s.name]
         assert s.name == f"{s.quantizer}.scale"
-    # per output channel for weights, one value for inputs
-    assert scales[2].parameter.shape == (16,) and scales[3].parameter.shape == (1,)
+    # per output channel for weights, one value per tensor
+    by_name = {s.quantizer: s.parameter for s in scales}
+    assert by_name["conv1.weight_quantizer"].shape == (16,) and by_name["qtool_act.x"].shape == (1,)
+
+
+def test_layer_swapped_model_lists_weight_and_input_scale_of_every_layer():
+    model = prepare(resnet20(), bits=4, act_bits=4, placement="layers")
+    layers = [name for name, _ in quantizable_layers(model)]
+    expected = [(f"{layer}.{role}", layer) for layer in layers for role in ("weight_quantizer", "input_quantizer")]
+    assert [(s.quantizer, s.layer) for s in scale_parameters(model)] == expected
 
 
 def test_float_model_and_frozen_scales_have_nothing_to_list():

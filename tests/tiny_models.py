@@ -71,13 +71,13 @@ def train(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, steps: i
     return model.eval()
 
 
-def trained_w4a4(arrays: dict[str, np.ndarray]) -> nn.Module:
+def trained_w4a4(arrays: dict[str, np.ndarray], placement: str = "graph") -> nn.Module:
     """Float training, then prepare(4 bits, 4-bit activations, 8-bit first/last) and a short QAT."""
     torch.manual_seed(0)
     images = as_inputs(np.concatenate([arrays["a_x"], arrays["b_x"]]))
     labels = torch.from_numpy(np.concatenate([arrays["a_y"], arrays["b_y"]])).long()
     model = train(DepthwiseResidualNet(), images, labels, steps=40)
-    quantized = prepare(model, bits=4, act_bits=4)
+    quantized = prepare(model, bits=4, act_bits=4, placement=placement)
     return train(quantized, images, labels, steps=20, lr=1e-3)
 
 

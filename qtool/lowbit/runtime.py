@@ -28,12 +28,15 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
+import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
 from qtool.lowbit import ops
 from qtool.quant.binary import BinaryConv2d
+from qtool.quant.integer import integer_layer
 from qtool.quant.layers import QuantConv2d, QuantizedLayer, QuantLinear
+from qtool.quant.lsq import LSQQuantizer
 
 
 # --------------------------------------------------------------------------- binary adapters
@@ -139,20 +142,27 @@ def _packed_bits(layer: QuantizedLayer) -> int | None:
 
 
 class _PackedLayer(nn.Module):
-    """Packed weights and the input quantizer's step of one quantized layer."""
+    """Packed weights and the input quantizer's step of one quantized layer, from the layer's
+    integer view (``qtool.quant.integer``): folded batch norm and, for a graph-prepared layer,
+    the trained int32 bias included."""
 
-    def __init__(self, layer: QuantizedLayer, bits: int):
+    def __init__(self, layer: QuantizedLayer, bits: int, input_quantizer: LSQQuantizer):
         super().__init__()
-        wq, aq = layer.weight_quantizer, layer.input_quantizer
+        wq, aq = layer.weight_quantizer, input_quantizer
         if not (bool(wq.initialized) and bool(aq.initialized)):
             raise ValueError("the layer's quantizers are not initialised: run a batch through the model first")
         self.bits = bits
-        codes = wq.quantize_int(layer.weight.detach())
-        self.in_features = codes[0].numel()
-        self.register_buffer("weight_packed", ops.pack_weights(self.weight_rows(codes), bits))
-        scale = wq.scale.detach().float().reshape(-1, 1)
-        self.register_buffer("weight_scale", scale.expand(codes.shape[0], 1).contiguous())
-        self.register_buffer("bias", None if layer.bias is None else layer.bias.detach().float())
+        graph_prepared = layer.input_quantizer is None
+        view = integer_layer(layer, aq.scale if graph_prepared else None)
+        self.in_features = view.codes[0].numel()
+        self.register_buffer("weight_packed", ops.pack_weights(self.weight_rows(view.codes), bits))
+        self.register_buffer("weight_scale", view.weight_step.float().reshape(-1, 1).contiguous())
+        bias = None
+        if view.bias_codes is not None:
+            bias = (view.bias_codes.double() * view.unit.double()).float()
+        elif view.bias is not None:
+            bias = view.bias.float()
+        self.register_buffer("bias", bias)
         self.register_buffer("act_step", aq.scale.detach().float().reshape(()))
         self.act_qmin, self.act_qmax = aq.qmin, aq.qmax
         self.int8_activations = -128 <= aq.qmin and aq.qmax <= 127
@@ -181,21 +191,21 @@ class _PackedLayer(nn.Module):
 
 
 class PackedLinear(_PackedLayer):
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, input_step: torch.Tensor | None = None) -> torch.Tensor:
         rows = x.reshape(-1, x.shape[-1]).float()
         return self.matmul(rows).reshape(*x.shape[:-1], -1)
 
 
 class PackedConv2d(_PackedLayer):
-    def __init__(self, layer: QuantConv2d, bits: int):
-        super().__init__(layer, bits)
+    def __init__(self, layer: QuantConv2d, bits: int, input_quantizer: LSQQuantizer):
+        super().__init__(layer, bits, input_quantizer)
         self.kernel_size, self.stride = layer.kernel_size, layer.stride
         self.padding, self.dilation = layer.padding, layer.dilation
 
     def weight_rows(self, codes: torch.Tensor) -> torch.Tensor:
         return codes.permute(0, 2, 3, 1).reshape(codes.shape[0], -1)  # (kh, kw, C): channels-last patches
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, input_step: torch.Tensor | None = None) -> torch.Tensor:
         n, _, h, w = x.shape
         (kh, kw), (sh, sw), (ph, pw), (dh, dw) = self.kernel_size, self.stride, self.padding, self.dilation
         oh = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
@@ -224,10 +234,24 @@ def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
 
 
+def input_quantizers(model: nn.Module) -> dict[str, LSQQuantizer]:
+    """Quantized layer name -> the quantizer of its input: its own (layer swap), or the tensor
+    quantizer whose step the traced graph passes it (graph placement)."""
+    found = {name: m.input_quantizer for name, m in model.named_modules()
+             if isinstance(m, QuantizedLayer) and m.input_quantizer is not None}
+    if isinstance(model, fx.GraphModule):
+        for node in model.graph.nodes:
+            step = node.kwargs.get("input_step") if node.op == "call_module" else None
+            if isinstance(step, fx.Node) and step.op == "get_attr":
+                found[node.target] = model.get_submodule(step.target.rpartition(".")[0])
+    return found
+
+
 def convert(model: nn.Module) -> Conversion:
     """A copy of ``model`` (in eval mode) whose low-bit layers run on the kernels."""
     model = copy.deepcopy(model).eval()
     converted, kept = {}, {}
+    quantizers = input_quantizers(model)
     for name, module in list(model.named_modules()):
         adapter = BINARY_ADAPTERS.get(type(module))
         if adapter is not None:
@@ -242,20 +266,29 @@ def convert(model: nn.Module) -> Conversion:
             bits = _packed_bits(module)
             if bits is None:
                 kept[name] = f"{module.bits}-bit weights (kernels take at most 4)"
+            elif name not in quantizers:
+                kept[name] = "weight-only quantized layer (its input has no quantizer)"
             elif isinstance(module, QuantConv2d) and (module.groups != 1 or module.padding_mode != "zeros"
                                                       or isinstance(module.padding, str)):
                 kept[name] = "grouped or non-zero-padded convolution"
             else:
-                packed = PackedConv2d(module, bits) if isinstance(module, QuantConv2d) else PackedLinear(module, bits)
-                _replace(model, name, packed)
+                packed_type = PackedConv2d if isinstance(module, QuantConv2d) else PackedLinear
+                _replace(model, name, packed_type(module, bits, quantizers[name]))
                 converted[name] = f"int{bits}"
     return Conversion(model, converted, kept)
 
 
 def dequantized(model: nn.Module) -> nn.Module:
     """The same network in plain fp32: quantized and binary layers become nn.Conv2d/nn.Linear
-    holding their dequantized weights, with no activation quantization or sign."""
+    holding their dequantized weights (batch norm folded in), with no activation quantization
+    or sign."""
     model = copy.deepcopy(model).eval()
+    if isinstance(model, fx.GraphModule):  # plain layers take no input step
+        for node in model.graph.nodes:
+            if node.op == "call_module" and "input_step" in node.kwargs:
+                node.kwargs = {k: v for k, v in node.kwargs.items() if k != "input_step"}
+        model.graph.eliminate_dead_code()
+        model.recompile()
     for name, module in list(model.named_modules()):
         adapter = BINARY_ADAPTERS.get(type(module))
         spec = adapter(module) if adapter is not None else None
@@ -263,7 +296,11 @@ def dequantized(model: nn.Module) -> nn.Module:
             weight = torch.where(spec.weight >= 0, 1.0, -1.0) * spec.scale.reshape(-1, *[1] * (spec.weight.dim() - 1))
             plain = _plain_like(module, weight, spec.bias)
         elif isinstance(module, QuantizedLayer):
-            plain = _plain_like(module, module.quantized_weight().detach(), module.bias)
+            view = integer_layer(module)
+            step = view.weight_step.reshape(-1, *[1] * (view.codes.dim() - 1))
+            plain = _plain_like(module, (view.codes * step).float(), None if view.bias is None else view.bias.float())
+        elif isinstance(module, LSQQuantizer) and isinstance(model, fx.GraphModule):
+            plain = nn.Identity()  # a graph-placed tensor quantizer
         else:
             continue
         _replace(model, name, plain)

@@ -4,7 +4,8 @@ GAQAT (and any analysis of scale gradients) needs the step-size parameters of a 
 knowing how the model was quantized. Two families are recognised by walking the modules:
 
 - qtool's ``LSQQuantizer`` (the ``weight_quantizer``/``input_quantizer`` of QuantConv2d and
-  QuantLinear, or one used on its own): its ``scale`` parameter.
+  QuantLinear, a graph-placed tensor quantizer under ``qtool_act``, or one used on its own):
+  its ``scale`` parameter.
 - Brevitas scaling implementations that learn their scale (``ParameterScaling``,
   ``ParameterFromStatsFromParameterScaling``, ``ParameterFromRuntimeStatsScaling`` and any
   other module of ``brevitas.core.scaling`` holding a trainable parameter). The quantizer is the
@@ -22,6 +23,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from qtool.quant.graph import ACT_CONTAINER
 from qtool.quant.lsq import LSQQuantizer
 
 
@@ -42,7 +44,9 @@ def scale_parameters(model: nn.Module) -> list[ScaleParameter]:
     found: list[ScaleParameter] = []
     for path, module in modules.items():
         if isinstance(module, LSQQuantizer):
-            found.append(ScaleParameter(path, _parent(path), names[id(module.scale)], module.scale))
+            # a graph-placed tensor quantizer is a "layer" of its own (it belongs to no weighted layer)
+            layer = path if path.startswith(f"{ACT_CONTAINER}.") else _parent(path)
+            found.append(ScaleParameter(path, layer, names[id(module.scale)], module.scale))
         elif _is_brevitas_scaling(module):
             quantizer = _brevitas_quantizer_path(path, modules)
             for parameter in module.parameters(recurse=False):

@@ -42,12 +42,14 @@ def test_unsigned_8bit_activations_take_the_fp32_path(qops):
     x = torch.randn(4, 3, 8, 8)
     model = calibrated(nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.ReLU(), nn.Flatten(),
                                      nn.Linear(8 * 4 * 4, 5)), 4, 8, x)
-    assert model.get_submodule("2").input_quantizer.qmax == 255  # after a ReLU: unsigned 8-bit codes
-    layer = runtime.PackedConv2d(model.get_submodule("2"), 4)
+    quantizer = runtime.input_quantizers(model)["2"]
+    assert quantizer.qmax == 255  # after a ReLU: unsigned 8-bit codes
+    conv = model.get_submodule("2")
+    layer = runtime.PackedConv2d(conv, 4, quantizer)
     assert not layer.int8_activations
     with torch.no_grad():
-        inp = torch.relu(model.get_submodule("0")(x))
-        torch.testing.assert_close(layer(inp), model.get_submodule("2")(inp), rtol=1e-4, atol=1e-5)
+        inp = quantizer(torch.relu(model.get_submodule("0")(model.qtool_act.input_1(x), input_step=model.qtool_act.input_1.scale)))
+        torch.testing.assert_close(layer(inp), conv(inp, input_step=quantizer.scale), rtol=1e-4, atol=1e-5)
 
 
 def test_uncalibrated_layers_are_refused(qops):
@@ -127,8 +129,10 @@ def test_packed_conv_geometry_matches_the_quantized_conv(qops, kernel, stride, p
     model = calibrated(nn.Sequential(nn.Conv2d(8, 8, 3, padding=1),
                                      nn.Conv2d(8, 12, kernel, stride, padding, dilation),
                                      nn.Conv2d(12, 4, 1)), 4, 4, x)
-    layer = model.get_submodule("1")
-    packed = runtime.PackedConv2d(layer, 4)
+    layer, quantizer = model.get_submodule("1"), runtime.input_quantizers(model)["1"]
+    packed = runtime.PackedConv2d(layer, 4, quantizer)
     with torch.no_grad():
-        inp = model.get_submodule("0")(x)
-        torch.testing.assert_close(packed(inp), layer(inp), rtol=1e-4, atol=1e-4 * float(layer(inp).abs().max()))
+        stem = model.qtool_act.input_1
+        inp = quantizer(model.get_submodule("0")(stem(x), input_step=stem.scale))
+        expected = layer(inp, input_step=quantizer.scale)
+        torch.testing.assert_close(packed(inp), expected, rtol=1e-4, atol=1e-4 * float(expected.abs().max()))

@@ -1,0 +1,232 @@
+"""Quantizer placement on the traced graph: every tensor the integer graph holds is quantized in
+the trained model, the layers compute the deployed arithmetic in eval mode, and the blocks real
+architectures use export to fused integer kernels that reproduce PyTorch."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qtool.checkpoint import model_from_checkpoint, read_checkpoint, save_checkpoint
+from qtool.exporters import export
+from qtool.exporters.bounds import saturating_kernels
+from qtool.models import build_model
+from qtool.onnxrt import float_layers
+from qtool.quant.graph import GRAPH_KEY
+from qtool.quant.integer import integer_layer
+from qtool.quant.layers import QuantConv2d
+from qtool.quant.lsq import LSQQuantizer
+from qtool.quant.prepare import prepare
+
+from tiny_models import train
+
+
+def conv_bn(cin: int, cout: int, kernel: int = 3, stride: int = 1, groups: int = 1) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, kernel, stride, kernel // 2, groups=groups, bias=False),
+                         nn.BatchNorm2d(cout))
+
+
+class SqueezeExcite(nn.Module):
+    """timm's form: spatial mean, reduce, ReLU, expand, gate, multiply."""
+
+    def __init__(self, channels: int, gate: str):
+        super().__init__()
+        self.reduce, self.expand = nn.Conv2d(channels, 4, 1), nn.Conv2d(4, channels, 1)
+        self.gate = gate
+
+    def forward(self, x):
+        s = self.expand(F.relu(self.reduce(x.mean((2, 3), keepdim=True))))
+        gate = torch.sigmoid(s) if self.gate == "sigmoid" else F.relu6(s + 3.0) / 6.0  # timm's hard_sigmoid
+        return x * gate
+
+
+class ShuffleBlock(nn.Module):
+    """ShuffleNet-v2: split the channels, transform one half, concatenate, shuffle."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        half = channels // 2
+        self.branch = nn.Sequential(conv_bn(half, half, 1), nn.ReLU(), conv_bn(half, half, 3, groups=half),
+                                    conv_bn(half, half, 1), nn.ReLU())
+
+    def forward(self, x):
+        keep, change = x.chunk(2, dim=1)
+        x = torch.cat([keep, self.branch(change)], dim=1)
+        n, c, h, w = x.shape
+        return x.view(n, 2, c // 2, h, w).transpose(1, 2).contiguous().view(n, c, h, w)
+
+
+class ZooOfBlocks(nn.Module):
+    """One network holding every block kind real architectures bring: hardswish, squeeze-
+    excitation with a sigmoid and with a hard sigmoid, ReLU6/clamp, channel split and shuffle,
+    channel slicing, concatenation, dropout and identity, global mean, flatten."""
+
+    def __init__(self, classes: int = 4):
+        super().__init__()
+        self.stem = conv_bn(3, 16, stride=2)
+        self.act = nn.Hardswish()
+        self.se1 = SqueezeExcite(16, "sigmoid")
+        self.shuffle = ShuffleBlock(16)
+        self.expand = conv_bn(16, 24, 1)
+        self.se2 = SqueezeExcite(24, "hard")
+        self.side = conv_bn(16, 8, 1)
+        self.drop, self.skip = nn.Dropout(0.1), nn.Identity()
+        self.head = nn.Linear(24 + 8, classes)
+
+    def forward(self, x):
+        x = self.se1(self.act(self.stem(x)))
+        x = self.shuffle(x)
+        wide = self.se2(torch.clamp(self.expand(x), 0.0, 6.0))
+        narrow = F.relu6(self.side(x))[:, :8]
+        x = self.skip(self.drop(torch.cat([wide, narrow], dim=1)))
+        return self.head(torch.flatten(x.mean((2, 3)), 1))
+
+
+def images(count: int = 256, size: int = 16, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """A learnable task: the class is the quadrant holding a bright patch."""
+    generator = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, 4, (count,), generator=generator)
+    x = torch.randn(count, 3, size, size, generator=generator) * 0.3
+    for index, label in enumerate(labels.tolist()):
+        row, col = divmod(label, 2)
+        half = size // 2
+        x[index, label % 3, row * half + 1:row * half + half - 1, col * half + 1:col * half + half - 1] += 2.0
+    return x, labels
+
+
+@pytest.fixture(scope="module")
+def blocks_model():
+    torch.manual_seed(0)
+    x, y = images()
+    model = train(ZooOfBlocks(), x, y, steps=30)
+    quantized = prepare(model, bits=4, act_bits=4)
+    return train(quantized, x, y, steps=15, lr=1e-3)
+
+
+def test_every_block_kind_exports_fused_and_reproduces_pytorch(blocks_model, tmp_path):
+    x, y = images(seed=1)
+    result = export(blocks_model, x[:1], tmp_path / "blocks.onnx", calibration=x[:64], verify=x, labels=y)
+    ops = result.ops
+    assert float_layers(ops) == {} and "ConvInteger" not in ops and result.notes == []
+    assert ops["QLinearConv"] == 10 and ops["QGemm"] == 1
+    assert ops["QLinearMul"] == 2 and ops["QLinearGlobalAveragePool"] == 3  # both SE gates; 2 SE means + the head's
+    assert ops["Gather"] == 3  # hardswish, sigmoid, hard sigmoid: code -> code tables
+    assert result.verification.passed and result.verification.agreement >= 0.995
+    assert saturating_kernels(onnx.load(tmp_path / "blocks.onnx")) == []
+
+
+def test_concatenated_tensors_share_one_quantizer(blocks_model):
+    names = [node.target for node in blocks_model.graph.nodes if node.op == "call_module"
+             and isinstance(blocks_model.get_submodule(node.target), LSQQuantizer)]
+    # the kept half of the split and the branch output both join the shuffle's cat: one grid
+    assert len(names) > len(set(names))
+
+
+def test_quantizers_sit_on_both_operands_and_the_result_of_every_residual_add():
+    model = prepare(build_model("resnet20"), bits=4, act_bits=4)
+    adds = [node for node in model.graph.nodes if node.op == "call_function" and node.target.__name__ == "add"]
+    assert len(adds) == 9
+    quantizer = lambda node: node.op == "call_module" and isinstance(model.get_submodule(node.target), LSQQuantizer)
+    for add in adds:
+        assert all(quantizer(operand) for operand in add.args)
+        (relu,) = add.users
+        (after,) = relu.users
+        assert quantizer(after)
+
+
+def test_eval_mode_computes_the_integer_kernel_exactly():
+    """conv + folded BN, in eval: (sum of code products + int32 bias) * unit, computed in float64 from
+    the layer's integer view, equals what the layer returns (float32 rounding aside)."""
+    torch.manual_seed(0)
+    model = prepare(nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 1)),
+                    bits=4, act_bits=4, first_last_bits=4)
+    model.train()
+    for _ in range(3):
+        model(torch.randn(16, 3, 8, 8))
+    model.eval()
+    layer = model.get_submodule("0")
+    with torch.no_grad():
+        layer.bn.weight[0] = -0.5  # a negative gamma flips that channel's codes
+    assert isinstance(layer, QuantConv2d) and layer.bn is not None  # the BatchNorm folded into the conv
+    quantizer = model.qtool_act.input_1  # fx names the placeholder of nn.Sequential "input_1"
+    step = quantizer.scale
+    x = torch.randn(4, 3, 8, 8)
+    codes = torch.clamp(torch.round(x / step), quantizer.qmin, quantizer.qmax)
+    view = integer_layer(layer, step)
+    accumulator = F.conv2d(codes.double(), view.codes.double(), padding=1)
+    expected = (accumulator + view.bias_codes.double().reshape(1, -1, 1, 1)) * view.unit.double().reshape(1, -1, 1, 1)
+    got = layer(quantizer(x), input_step=step)
+    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5)
+    trained = layer.weight_quantizer.quantize_int(layer.weight) * torch.sign(layer.weight_quantizer.scale).reshape(-1, 1, 1, 1)
+    assert view.codes.abs().max() <= 7 and torch.equal(view.codes[0], -trained[0].int())
+
+
+def test_a_model_fx_cannot_trace_falls_back_to_the_layer_swap_with_one_notice(capsys):
+    class DataDependent(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3)
+
+        def forward(self, x):
+            return self.conv(x) if x.sum() > 0 else -self.conv(x)
+
+    model = prepare(DataDependent(), bits=4)
+    notice = capsys.readouterr().err.strip().splitlines()
+    assert len(notice) == 1 and "cannot trace DataDependent" in notice[0] and "approximate" in notice[0]
+    assert GRAPH_KEY not in model.qtool_plan and model.conv.input_quantizer is not None
+
+
+def test_a_graph_prepared_checkpoint_rebuilds_the_same_model(tmp_path):
+    torch.manual_seed(0)
+    model = prepare(build_model("mobilenetv2"), bits=3, act_bits=3)
+    model(torch.randn(8, 3, 32, 32))
+    model.eval()
+    save_checkpoint(tmp_path / "m.pt", model, "mobilenetv2", 10, 3, 32, {})
+    rebuilt = model_from_checkpoint(read_checkpoint(tmp_path / "m.pt"))
+    x = torch.randn(4, 3, 32, 32)
+    assert torch.equal(rebuilt(x), model(x))
+
+
+def test_the_saturation_bound_is_read_from_the_graph():
+    """8-bit weight codes on 8-bit input codes: flagged (on any CPU); 7-bit codes: fine."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    def graph(max_weight: int) -> onnx.ModelProto:
+        weights = numpy_helper.from_array(np.full((4, 16, 1, 1), max_weight, np.int8), "w")
+        nodes = [helper.make_node("QuantizeLinear", ["x", "s", "zp"], ["xq"]),
+                 helper.make_node("DequantizeLinear", ["xq", "s", "zp"], ["xd"]),
+                 helper.make_node("DequantizeLinear", ["w", "ws"], ["wd"]),
+                 helper.make_node("Conv", ["xd", "wd"], ["y"])]
+        inits = [weights, numpy_helper.from_array(np.array(0.1, np.float32), "s"),
+                 numpy_helper.from_array(np.array(0, np.uint8), "zp"),
+                 numpy_helper.from_array(np.array(0.01, np.float32), "ws")]
+        return helper.make_model(helper.make_graph(
+            nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 16, 4, 4])],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 4, 4])], inits))
+
+    assert saturating_kernels(graph(127)) == ["y"]
+    assert saturating_kernels(graph(63)) == []
+
+
+@pytest.mark.parametrize("arch", ["resnet20", "mobilenetv2", "vgg-small", "dg-cnn"])
+@pytest.mark.parametrize("bits", [4, 3])
+def test_zoo_models_export_fused_and_as_close_as_pytorch_is_to_itself(arch, bits, tmp_path):
+    """Untrained weights give nearly flat logits, where any change of float rounding moves them by
+    several 8-bit output steps: onnxruntime must be as close to PyTorch float32 as PyTorch float64
+    is (trained models meet the fixed 99.5 % bar: benchmarks/export_zoo.py)."""
+    from qtool.exporters.verify import compare
+
+    torch.manual_seed(0)
+    model = prepare(build_model(arch), bits=bits, act_bits=bits)
+    x = torch.randn(64, 3, 32, 32)
+    model.train()
+    model(x)
+    result = export(model.eval(), x[:1], tmp_path / "m.onnx", calibration=x[:16])
+    assert float_layers(result.ops) == {} and result.notes == [] and "ConvInteger" not in result.ops
+    check = compare(model, str(tmp_path / "m.onnx"), x)
+    assert check.agreement >= min(0.98, check.float64_agreement)
+    assert check.within_step >= check.float64_within_step - 0.02
