@@ -1,21 +1,22 @@
 """qtool's ONNX export against the peers a user would pick, side by side in one run.
 
-For each W4A4 checkpoint (``qtool quantize ... --bits 4``) this writes, into ``--out``:
+For each qtool checkpoint (``qtool quantize ...``) this writes, into ``--out``:
 
-- ``<model>-qtool-fast.onnx``       qtool export, fast numerics (QLinearAdd residuals), int8 weights
-- ``<model>-qtool-fast-int4.onnx``  the same with INT4 weight storage
-- ``<model>-qtool-faithful.onnx``   qtool export, faithful numerics (float residual sums)
+- ``<model>-qtool.onnx``            qtool export, default options (int8 weight storage)
+- ``<model>-qtool-int4.onnx``       the same with INT4 weight storage
+- ``<model>-qtool-fast.onnx``       (layer-swapped checkpoints only) fast numerics
 - ``<model>-fp32.onnx``             the same network in float (torch.onnx.export, TorchScript path)
 - ``<model>-ort-int8.onnx``         onnxruntime's quantize_static of that fp32 file (QDQ, per-channel,
                                     uint8 activations, int8 weights, MinMax on the same calibration images)
-- ``<model>-brevitas.onnx``         Brevitas export_onnx_qcdq of the equivalent 4-bit Brevitas model
+- ``<model>-brevitas.onnx``         (layer-swapped checkpoints only) Brevitas export_onnx_qcdq of the
+                                    equivalent Brevitas model
 
-then times them all with ``qtool.bench`` (interleaved runs, 1 and 2 threads, batch 1) and checks
-onnxruntime against PyTorch on the held-out domain. Run it under the shared lock:
+then times them all with ``qtool.bench`` (interleaved runs, batch 1) and checks onnxruntime
+against PyTorch on the held-out domain. ``--image-size`` resizes the images (the zoo models are
+fully convolutional): latency at edge-camera resolutions.
 
-    flock /tmp/qtool-heavy.lock python benchmarks/export_bench.py \\
-        --checkpoint resnet20=runs/resnet20-w4a4/model.pt --checkpoint mobilenetv2=runs/mobilenetv2-w4a4/model.pt \\
-        --data /work/shared/data/digits_dg.npz --out runs/export-bench
+    python benchmarks/export_bench.py --checkpoint resnet20-w4a4=runs/export-zoo/resnet20-w4a4/model.pt \
+        --data ../shared/data/digits_dg.npz --out runs/export-bench --threads 1
 """
 
 from __future__ import annotations
@@ -34,12 +35,15 @@ from qtool.checkpoint import load_model
 from qtool.data import load_domains, normalize, split_domains
 from qtool.exporters.export import export
 from qtool.exporters.verify import compare
+from qtool.lowbit.runtime import dequantized
 from qtool.models import build_model
 from qtool.quant.layers import QuantizedLayer
 
 
 def float_twin(model: nn.Module, payload: dict) -> nn.Module:
     """The same architecture and weights without quantizers: the fp32 model of this network."""
+    if isinstance(model, torch.fx.GraphModule):  # graph-prepared: its layers hold the float weights
+        return dequantized(model, float_weights=True)
     twin = build_model(payload["arch"], payload["num_classes"], payload["in_channels"])
     state = {k: v for k, v in model.state_dict().items() if "_quantizer." not in k}
     twin.load_state_dict(state)
@@ -118,16 +122,19 @@ def run(args) -> dict:
         split = split_domains(data, trained["target_domain"], trained["holdout"], trained["seed"])
         generator = torch.Generator().manual_seed(0)
         sources = torch.cat([d.images for d in split.train.values()])
-        calibration = normalize(sources[torch.randperm(len(sources), generator=generator)[:args.calibration]])
+        calibration = resized(normalize(sources[torch.randperm(len(sources), generator=generator)[:args.calibration]]),
+                              args.image_size)
         target = split.target
         index = torch.randperm(len(target.labels), generator=generator)[:args.verify]
-        held_out, labels = normalize(target.images[index]), target.labels[index]
+        held_out, labels = resized(normalize(target.images[index]), args.image_size), target.labels[index]
         example = calibration[:1]
 
+        layer_swapped = not isinstance(model, torch.fx.GraphModule)
+        variants = {"qtool": {}, "qtool-int4": dict(weight_storage="int4")}
+        if layer_swapped:
+            variants["qtool-fast"] = dict(numerics="fast")
         files = {}
-        for variant, kwargs in {"qtool-fast": dict(numerics="fast"),
-                                "qtool-fast-int4": dict(numerics="fast", weight_storage="int4"),
-                                "qtool-faithful": dict(numerics="faithful")}.items():
+        for variant, kwargs in variants.items():
             path = out / f"{name}-{variant}.onnx"
             export(model, example, path, calibration=calibration, **kwargs)
             files[variant] = path
@@ -136,48 +143,58 @@ def run(args) -> dict:
         export_float(fp32, example, files["fp32"])
         files["ort-int8"] = out / f"{name}-ort-int8.onnx"
         ort_quantize_static(files["fp32"], files["ort-int8"], calibration[:args.ort_calibration])
-        files["brevitas"] = out / f"{name}-brevitas.onnx"
-        brevitas_export(brevitas_twin(model, fp32, calibration), example, files["brevitas"])
+        if layer_swapped:
+            files["brevitas"] = out / f"{name}-brevitas.onnx"
+            brevitas_export(brevitas_twin(model, fp32, calibration), example, files["brevitas"])
 
         verification = {}
-        for variant in ("qtool-fast", "qtool-fast-int4", "qtool-faithful"):
+        for variant in variants:
             check = compare(model, str(files[variant]), held_out, labels, threads=args.threads[-1])
             verification[variant] = {**check.to_dict(), "summary": check.summary(), "domain": target.name}
             print(f"{name} {variant}: {check.summary()}", flush=True)
 
-        order = ["qtool-fast", "qtool-fast-int4", "qtool-faithful", "ort-int8", "fp32", "brevitas"]
+        order = [*variants, "ort-int8", "fp32", *(["brevitas"] if layer_swapped else [])]
         timings = {}
         for threads in args.threads:
             result = bench_models([str(files[v]) for v in order], BenchConfig(threads=threads, runs=args.runs,
                                                                              warmup=args.warmup, batch=1))
             timings[threads] = {v: m for v, m in zip(order, result["models"])}
-        results["models"][name] = {"verification": verification, "bench": timings,
+        results["models"][name] = {"verification": verification, "bench": timings, "image_size": args.image_size,
                                    "accuracy": payload["meta"].get("report", {}).get("accuracy")}
     return results
+
+
+def resized(images: torch.Tensor, size: int | None) -> torch.Tensor:
+    if size is None or size == images.shape[-1]:
+        return images
+    return torch.nn.functional.interpolate(images, size=(size, size), mode="bilinear", align_corners=False)
 
 
 def markdown(results: dict) -> str:
     lines = []
     for name, result in results["models"].items():
         for threads, models in result["bench"].items():
-            ort, fp32, brev = (models[k]["latency_ms"]["median"] for k in ("ort-int8", "fp32", "brevitas"))
-            lines += [f"\n**{name}, {threads} thread(s)**\n",
+            ort, fp32 = (models[k]["latency_ms"]["median"] for k in ("ort-int8", "fp32"))
+            brev = models["brevitas"]["latency_ms"]["median"] if "brevitas" in models else float("nan")
+            lines += [f"\n**{name}, {result['image_size'] or 'native'} px, {threads} thread(s)**\n",
                       "| model | KiB | median ms | p90 ms | × ORT int8 latency | × fp32 latency | × Brevitas latency "
-                      "| × fp32 size | integer kernels | float compute |",
-                      "|---|---:|---:|---:|---:|---:|---:|---:|---|---|"]
+                      "| × ORT int8 size | × fp32 size | integer kernels | float compute |",
+                      "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|"]
             for variant, model in models.items():
                 median = model["latency_ms"]["median"]
                 integer = ", ".join(f"{op}×{n}" for op, n in sorted(model["ops"].items()) if op.startswith(("QLinear", "QGemm", "ConvInteger", "MatMulInteger")))
                 floating = ", ".join(f"{op}×{n}" for op, n in sorted(model["ops"].items()) if op in ("Conv", "FusedConv", "Gemm", "MatMul", "FusedGemm"))
                 lines.append(f"| {variant} | {model['bytes'] / 1024:.1f} | {median:.3f} | {model['latency_ms']['p90']:.3f} | "
                              f"{median / ort:.2f} | {median / fp32:.2f} | {median / brev:.2f} | "
+                             f"{model['bytes'] / models['ort-int8']['bytes']:.3f} | "
                              f"{model['bytes'] / models['fp32']['bytes']:.3f} | {integer or '-'} | {floating or '-'} |")
     return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", action="append", required=True, help="NAME=PATH of a W4A4 qtool checkpoint")
+    parser.add_argument("--checkpoint", action="append", required=True, help="NAME=PATH of a qtool checkpoint")
+    parser.add_argument("--image-size", type=int, default=None, help="resize the images (default: as trained)")
     parser.add_argument("--data", required=True)
     parser.add_argument("--out", required=True)
     parser.add_argument("--verify", type=int, default=1000)

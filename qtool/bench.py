@@ -9,7 +9,6 @@ The first model is the reference of the ratios.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import numpy as np
 
 from qtool.errors import QtoolError
 from qtool.onnxrt import create_session, float_layers, integer_layers, optimized_census, random_feed
+from qtool.timing import interleaved_ms
 
 
 @dataclass
@@ -45,15 +45,8 @@ def bench_models(paths: list[str], config: BenchConfig = BenchConfig()) -> dict:
     _check(paths, config)
     sessions = [create_session(path, config.threads) for path in paths]
     feeds = [random_feed(session, config.batch) for session in sessions]
-    for session, feed in zip(sessions, feeds):
-        for _ in range(config.warmup):
-            session.run(None, feed)
-    times = [[] for _ in paths]
-    for _ in range(config.runs):
-        for index, (session, feed) in enumerate(zip(sessions, feeds)):
-            start = time.perf_counter()
-            session.run(None, feed)
-            times[index].append((time.perf_counter() - start) * 1e3)
+    runs = {index: (lambda s=session, f=feed: s.run(None, f)) for index, (session, feed) in enumerate(zip(sessions, feeds))}
+    times = list(interleaved_ms(runs, config.runs, config.warmup).values())
 
     models = []
     for path, samples in zip(paths, times):

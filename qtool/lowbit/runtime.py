@@ -34,7 +34,7 @@ from torch import nn
 
 from qtool.lowbit import ops
 from qtool.quant.binary import BinaryConv2d
-from qtool.quant.integer import integer_layer
+from qtool.quant.integer import folded_affine, integer_layer
 from qtool.quant.layers import QuantConv2d, QuantizedLayer, QuantLinear
 from qtool.quant.lsq import LSQQuantizer
 
@@ -278,10 +278,10 @@ def convert(model: nn.Module) -> Conversion:
     return Conversion(model, converted, kept)
 
 
-def dequantized(model: nn.Module) -> nn.Module:
+def dequantized(model: nn.Module, float_weights: bool = False) -> nn.Module:
     """The same network in plain fp32: quantized and binary layers become nn.Conv2d/nn.Linear
-    holding their dequantized weights (batch norm folded in), with no activation quantization
-    or sign."""
+    holding their dequantized weights (``float_weights``: the float weights they quantize; batch
+    norm folded in either way), with no activation quantization or sign."""
     model = copy.deepcopy(model).eval()
     if isinstance(model, fx.GraphModule):  # plain layers take no input step
         for node in model.graph.nodes:
@@ -297,8 +297,13 @@ def dequantized(model: nn.Module) -> nn.Module:
             plain = _plain_like(module, weight, spec.bias)
         elif isinstance(module, QuantizedLayer):
             view = integer_layer(module)
-            step = view.weight_step.reshape(-1, *[1] * (view.codes.dim() - 1))
-            plain = _plain_like(module, (view.codes * step).float(), None if view.bias is None else view.bias.float())
+            if float_weights:
+                mul, _ = folded_affine(module)
+                scale = 1.0 if mul is None else mul.reshape(-1, *[1] * (module.weight.dim() - 1))
+                weight = (module.weight.detach().double() * scale).float()
+            else:
+                weight = (view.codes * view.weight_step.reshape(-1, *[1] * (view.codes.dim() - 1))).float()
+            plain = _plain_like(module, weight, None if view.bias is None else view.bias.float())
         elif isinstance(module, LSQQuantizer) and isinstance(model, fx.GraphModule):
             plain = nn.Identity()  # a graph-placed tensor quantizer
         else:

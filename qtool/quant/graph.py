@@ -60,15 +60,43 @@ class GraphTraceError(Exception):
     """torch.fx cannot trace the model; ``prepare`` falls back to the layer swap."""
 
 
+# Subclasses of torch layers known to compute exactly what their base class does (timm's Linear
+# only casts its weight for AMP): leaves, quantized like the base class.
+SAME_AS_BASE = {"timm.layers.linear.Linear"}
+
+
+def _same_as_base(module: nn.Module) -> bool:
+    return f"{type(module).__module__}.{type(module).__qualname__}" in SAME_AS_BASE
+
+
 class _Tracer(fx.Tracer):
     """torch.nn layers and qtool's quantizers are leaves; everything else is traced through."""
 
     def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
-        return isinstance(module, (QuantizedLayer, LSQQuantizer)) or super().is_leaf_module(module, qualified_name)
+        return (isinstance(module, (QuantizedLayer, LSQQuantizer)) or _same_as_base(module)
+                or super().is_leaf_module(module, qualified_name))
+
+
+def split_norm_act(model: nn.Module) -> None:
+    """Replace, in place, each batch norm that also applies an activation (timm's
+    ``BatchNormAct2d``: a BatchNorm2d subclass with ``drop`` and ``act``) by the plain BatchNorm2d
+    followed by the two, so the norm folds into its conv and the activation is seen."""
+    for name, module in list(model.named_modules()):
+        if not (isinstance(module, nn.BatchNorm2d) and type(module).__module__.split(".")[0] != "torch"
+                and isinstance(getattr(module, "act", None), nn.Module)):
+            continue
+        plain = nn.BatchNorm2d(module.num_features, module.eps, module.momentum, module.affine,
+                               module.track_running_stats, device=module.running_mean.device if module.running_mean is not None else None)
+        plain.load_state_dict({k: v for k, v in module.state_dict().items()
+                               if not k.startswith(("act.", "drop."))})
+        plain.train(module.training)
+        drop = module.drop if isinstance(getattr(module, "drop", None), nn.Module) else nn.Identity()
+        _set_module(model, name, nn.Sequential(plain, drop, module.act))
 
 
 def trace(model: nn.Module) -> fx.GraphModule:
     """The model's graph, traced in eval mode (a ``self.training`` branch is frozen as deployed)."""
+    split_norm_act(model)
     was_training = model.training
     model.eval()
     try:
