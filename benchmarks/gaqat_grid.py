@@ -94,7 +94,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                              f"default with --methods gaqat: {' '.join(DEFAULT_VARIANTS)})")
     parser.add_argument("--epochs", type=float, default=5.0, help="QAT (and FP-same-steps) epochs per run")
     parser.add_argument("--steps", type=int, default=None, help="QAT steps per run (overrides --epochs)")
-    parser.add_argument("--pretrain-epochs", type=float, default=10.0)
+    parser.add_argument("--pretrain-epochs", type=float, default=20.0,
+                        help="10 did not converge: docs/results/pretrain-defaults.md")
     parser.add_argument("--pretrain-method", default="plain", help="optimizer of the FP pre-training")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--lr", type=float, default=None, help="QAT learning rate (default: qtool's)")
