@@ -1,6 +1,10 @@
-// Schemas of the qtool operators. Implementations: cpu/ops_cpu.cpp (CPU) and
-// cuda/ops_cuda.cu (CUDA); fake (meta) implementations: qtool/lowbit/ops.py, which also holds
-// a copy of these strings for the pure-PyTorch fallback (a test keeps the two equal).
+// Schemas of every qtool operator, the low-bit ops and the training ops alike: one library.
+// CPU kernels: cpu/ops_cpu.cpp (low-bit), cpu/fake_quant.cpp and cpu/sign_estimator.cpp
+// (training); CUDA kernels: cuda/ops_cuda.cpp (low-bit, arithmetic in cuda/kernels.cu). Each op
+// family's Python module (qtool/lowbit/ops.py, qtool/quant/fake_quant.py,
+// qtool/quant/sign_estimator.py) registers the fake kernels, the autograd formulas and the
+// pure-PyTorch reference, and holds a copy of its schemas for when this library cannot be
+// loaded (a test keeps the copies equal to these strings).
 #include <torch/library.h>
 
 TORCH_LIBRARY(qtool, m) {
@@ -15,4 +19,10 @@ TORCH_LIBRARY(qtool, m) {
   m.def("lowbit_gemm_i8(Tensor xq, Tensor x_scale, Tensor w, Tensor scale, int bits, int K, int group_size) -> Tensor");
   m.def("binary_gemm(Tensor a, Tensor w, int K, Tensor? scale=None) -> Tensor");
   m.def("binary_conv2d(Tensor x, Tensor w, int in_channels, int[2] kernel_size, int[2] stride, int[2] padding, int[2] dilation, Tensor? scale=None) -> Tensor");
+  // Training ops: the forward takes every input its backward needs (register_autograd sees only
+  // the forward's inputs), hence grad_factor and o, t, m, which the forward itself ignores.
+  m.def("lsq_fake_quant(Tensor x, Tensor scale, float qmin, float qmax, float grad_factor) -> Tensor");
+  m.def("lsq_fake_quant_backward(Tensor grad, Tensor x, Tensor scale, float qmin, float qmax, float grad_factor) -> (Tensor, Tensor)");
+  m.def("reste_sign(Tensor z, float o, float t, float m) -> Tensor");
+  m.def("reste_sign_backward(Tensor grad, Tensor z, float o, float t, float m) -> Tensor");
 }

@@ -21,7 +21,7 @@ from qtool.options import QuantizeOptions
 from qtool.train.resume import read_training_checkpoint
 
 PHASES = ("pretrain", "qat")
-# May differ between an interrupted run and its resumption: none of them changes a number.
+# May differ between an interrupted run and its resumption: where files go and how the run executes.
 # (--threads changes the float summation order: given again, the run continues close to, not
 # bit-identical with, the uninterrupted one.)
 MAY_CHANGE_ON_RESUME = frozenset({"out", "resume", "device", "threads", "cache_dir", "use_cache", "checkpoints",

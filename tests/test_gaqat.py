@@ -226,7 +226,8 @@ def test_gaqat_on_a_qtool_model_with_sagm():
     inputs, labels = torch.randn(8, 3, 10, 10), torch.randint(0, 10, (8,))
     gaqat, edited = train_with_recorded_grads(model, scale_parameters(model), inputs, labels, steps=6,
                                               window=3, every=3, tau=0.9)
-    assert len(gaqat.quantizers) == 6 and len(gaqat.history["step"]) == 2 and edited > 0
+    # 3 weight quantizers and 4 tensor quantizers (input, the two ReLU outputs, the pooled features)
+    assert len(gaqat.quantizers) == 7 and len(gaqat.history["step"]) == 2 and edited > 0
 
 
 def test_gaqat_on_a_brevitas_model_with_parameter_scaling():
@@ -256,9 +257,10 @@ def test_quantize_gaqat_writes_report_keys_and_heatmap(tmp_path):
     gaqat = report["gaqat"]
     assert report["method"] == "gaqat" and report["steps"] == 8
     assert gaqat["every"] == 4 and gaqat["check_steps"] == [4, 8]
-    assert len(gaqat["layers"]) == 10  # 5 quantized layers x (weight, input) quantizers
+    # 5 weight quantizers; 10 tensor quantizers: input, 4 ReLU outputs, 4 GroupNorm outputs, pooled features
+    assert len(gaqat["layers"]) == 15
     for key in ("conflict", "disorder"):
-        assert len(gaqat[key]) == 2 and all(len(row) == 10 for row in gaqat[key])
+        assert len(gaqat[key]) == 2 and all(len(row) == 15 for row in gaqat[key])
         assert all(0.0 <= v <= 1.0 for row in gaqat[key] for v in row)
     assert all(isinstance(v, bool) for row in gaqat["frozen"] for v in row)
     assert gaqat["frozen"] == [[d < 0.5 for d in row] for row in gaqat["disorder"]]

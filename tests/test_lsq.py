@@ -6,8 +6,8 @@ import math
 import pytest
 import torch
 
+from qtool.native import library
 from qtool.quant import fake_quant
-from qtool.quant.fake_quant import FusedLSQ, ReferenceLSQ
 from qtool.quant.lsq import LSQQuantizer, integer_range
 
 
@@ -116,10 +116,10 @@ def test_quantize_int_gives_the_codes_of_the_forward():
     assert torch.allclose(codes.float() * q.scale.detach()[:, None], y.detach())
 
 
-requires_fused = pytest.mark.skipif(fake_quant._fused() is None, reason="C++ fake-quant extension did not build here")
+requires_compiled = pytest.mark.skipif(library.load() != "extension", reason="the op library did not build here")
 
 
-@requires_fused
+@requires_compiled
 @pytest.mark.parametrize("shape,channels,grid,layout", [
     ((16, 8, 9, 9), 1, (0, 15), torch.contiguous_format),
     ((16, 8, 9, 9), 1, (-8, 7), torch.channels_last),
@@ -132,23 +132,19 @@ def test_fused_kernel_matches_reference(shape, channels, grid, layout):
     x = (torch.randn(*shape) * 2).contiguous(memory_format=layout) if len(shape) == 4 else torch.randn(*shape)
     scale = torch.rand(channels) * 0.2 + 0.05
     grad = torch.randn(*shape)
-    results = []
-    for function in (ReferenceLSQ, FusedLSQ):
-        xi = x.clone().requires_grad_()
-        si = scale.clone().requires_grad_()
-        y = function.apply(xi, si, float(grid[0]), float(grid[1]), 0.01)
-        y.backward(grad)
-        results.append((y.detach(), xi.grad, si.grad))
-    (y_ref, gx_ref, gs_ref), (y_fused, gx_fused, gs_fused) = results
-    assert torch.equal(y_ref, y_fused)  # same arithmetic, bit for bit
-    assert torch.equal(gx_ref, gx_fused)
-    assert torch.allclose(gs_ref, gs_fused, rtol=1e-5, atol=1e-7)  # sums in another order
+    xi, si = x.clone().requires_grad_(), scale.clone().requires_grad_()
+    y_fused = fake_quant.lsq_fake_quant(xi, si, grid[0], grid[1], 0.01)
+    y_fused.backward(grad)
+    qmin, qmax = map(float, grid)
+    y_ref = fake_quant.reference_forward(x, scale, qmin, qmax, 0.01)
+    gx_ref, gs_ref = fake_quant.reference_backward(grad, x, scale, qmin, qmax, 0.01)
+    assert torch.equal(y_ref, y_fused.detach())  # same arithmetic, bit for bit
+    assert torch.equal(gx_ref, xi.grad)
+    assert torch.allclose(gs_ref, si.grad, rtol=1e-5, atol=1e-7)  # sums in another order
     assert y_fused.is_contiguous(memory_format=layout)
 
 
-def test_reference_is_used_when_the_extension_is_unavailable(monkeypatch):
-    monkeypatch.setattr(fake_quant, "_fused", lambda: None)
+def test_reference_is_the_formula():
     x = torch.randn(4, 4)
-    assert not fake_quant._can_fuse(x, torch.ones(1))
-    y = fake_quant.lsq_fake_quant(x, torch.tensor([0.5]), -8, 7, 1.0)
+    y = fake_quant.reference_forward(x, torch.tensor([0.5]), -8.0, 7.0, 1.0)
     assert torch.equal(y, torch.clamp(x / 0.5, -8, 7).round() * 0.5)

@@ -78,6 +78,28 @@ def test_hooks_see_both_gradients_and_can_edit_the_direction():
     assert np.array_equal(w.detach().numpy(), W0)
 
 
+@pytest.mark.parametrize("method", ["lsq", "ste", "reste"])
+def test_plain_step_calls_its_hooks(method):
+    from qtool.train.methods import get_method
+
+    seen = {}
+
+    def hook(grads):
+        seen["grad"] = grads.grad[0].numpy().copy()
+        seen["perturbed"] = grads.perturbed_grad[0].numpy().copy()
+        grads.direction[0].zero_()  # freeze everything: the weights must not move
+
+    w = torch.nn.Parameter(torch.tensor(W0, dtype=torch.float64))
+    unused = torch.nn.Parameter(torch.zeros(1, dtype=torch.float64))  # no gradient: left to the base optimizer
+    optimizer = build_optimizer(get_method(method).optimizer, torch.optim.SGD([w, unused], lr=LR))
+    optimizer.hooks.append(hook)
+    a, b = torch.tensor(A), torch.tensor(B)
+    optimizer.step(lambda perturbed: (0.5 * ((a @ w - b) ** 2).sum(), a @ w))
+    assert np.allclose(seen["grad"], grad(W0)) and np.allclose(seen["perturbed"], grad(W0))  # e = 0
+    assert np.array_equal(w.detach().numpy(), W0)
+    assert unused.grad is None
+
+
 def test_perturbation_is_undone_exactly():
     """After the step the weights are w - lr * d, not (w + e - e) - lr * d with rounding error."""
     w = torch.nn.Parameter(torch.tensor([1e8, 1e-8], dtype=torch.float32))

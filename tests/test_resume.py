@@ -135,7 +135,7 @@ def test_trainer_state_round_trip_covers_optimizer_data_rng_callbacks_and_select
 def test_non_finite_quantizer_scale_stops_training(tmp_path):
     split = split_domains(load_domains(write_tiny_npz(tmp_path / "tiny.npz")), "d0", seed=0)
     trainer = _trainer(split, tmp_path / "state.pt")
-    scale = trainer.model.layers[0][0].conv1.input_quantizer.scale
+    scale = trainer.model.qtool_act.layers_0_0_relu1.scale  # the tensor quantizer before layers.0.0.conv2
 
     def poison_step_3(grads):  # the update of step 3 turns one step size into NaN
         if trainer.step == 2:
@@ -143,7 +143,7 @@ def test_non_finite_quantizer_scale_stops_training(tmp_path):
 
     trainer.optimizer.hooks.append(poison_step_3)
     with pytest.raises(DivergenceError, match=r"^training diverged at step 3: quantizer step size "
-                                              r"layers\.0\.0\.conv1\.input_quantizer\.scale is not finite; "
+                                              r"qtool_act\.layers_0_0_relu1\.scale is not finite; "
                                               r"the last good checkpoint \(step 2\) is kept at "):
         trainer.fit()
     saved = read_training_checkpoint(tmp_path / "state.pt")

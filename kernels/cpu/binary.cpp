@@ -1,12 +1,17 @@
-// XNOR-popcount kernels, compiled once per ISA (isa.h): sign-bit packing of float rows and
-// the binary GEMM tile. With +-1 stored as bits, dot(a, w) = K - 2 * popcount(a XOR w).
+// XNOR-popcount kernels, compiled once per ISA (isa.h; isa_neon.h on aarch64): sign-bit
+// packing of float rows and the binary GEMM tile. With +-1 stored as bits,
+// dot(a, w) = K - 2 * popcount(a XOR w).
 //
 // The tile holds up to 48 rows of packed activations; the weights come as panels of 8 output
 // channels interleaved word by word ([panel][word][8]), so one vector load gives the same word
 // of 8 channels and each activation word is broadcast against it: the reduction stays in
 // integer lanes, one lane per output channel, and no horizontal sums are needed.
 #include "qtool_kernels.h"
+#if defined(QTOOL_ISA_NEON) || defined(QTOOL_ISA_NEONDOT)
+#include "isa_neon.h"  // aarch64 builds; isa.h covers x86 and scalar
+#else
 #include "isa.h"
+#endif
 
 namespace qtool {
 namespace cpu {
@@ -281,6 +286,124 @@ void pack_sign_planes_impl(const float* x, int64_t C, int64_t plane_stride, int6
       alignas(32) uint64_t words[4];
       _mm256_store_si256(reinterpret_cast<__m256i*>(words), acc);
       for (int j = 0; j < 4; ++j) out[(p + j) * Cw + w] = words[j];
+    }
+  for (; p < pixels; ++p)
+    for (int64_t w = 0; w < Cw; ++w) {
+      uint64_t bits = 0;
+      for (int64_t c = w * 64; c < C && c < (w + 1) * 64; ++c)
+        bits |= static_cast<uint64_t>(x[c * plane_stride + p] >= 0.0f) << (c - w * 64);
+      out[p * Cw + w] = bits;
+    }
+}
+
+#elif defined(QTOOL_ISA_NEON)
+// ---------------------------------------------------------------------------------- NEON
+// Popcount per byte (vcntq_u8) of a XOR w, pairwise added into 16-bit lanes (vpadalq_u8, the
+// uadalp of Larq's kernels): a lane gains at most 16 per 128-bit step, so 4095 steps fit
+// before the lanes are widened to 32 bits.
+constexpr int kMR = 3;             // 3 rows x 8 channels: 12 accumulators + 4 weight vectors
+constexpr int64_t kFlush = 4095;   // words (or word pairs) per 16-bit accumulation
+
+template <int MR>
+void tile(const BinaryTileArgs& t, int64_t r0, int64_t p) {
+  const int64_t Kw = t.Kw;
+  const uint64_t* a = t.a + r0 * Kw;
+  const uint64_t* w = t.panels + p * Kw * kBinaryPanel;
+  uint32x4_t total[MR][4];  // channels 2j, 2j + 1: two 32-bit lanes each
+  for (int m = 0; m < MR; ++m)
+    for (int j = 0; j < 4; ++j) total[m][j] = vdupq_n_u32(0);
+  for (int64_t k0 = 0; k0 < Kw; k0 += kFlush) {
+    const int64_t k1 = k0 + kFlush < Kw ? k0 + kFlush : Kw;
+    uint16x8_t acc[MR][4];
+    for (int m = 0; m < MR; ++m)
+      for (int j = 0; j < 4; ++j) acc[m][j] = vdupq_n_u16(0);
+    for (int64_t k = k0; k < k1; ++k) {
+      uint8x16_t wv[4];
+      for (int j = 0; j < 4; ++j) wv[j] = vreinterpretq_u8_u64(vld1q_u64(w + k * kBinaryPanel + 2 * j));
+      for (int m = 0; m < MR; ++m) {
+        const uint8x16_t av = vreinterpretq_u8_u64(vdupq_n_u64(a[m * Kw + k]));
+        for (int j = 0; j < 4; ++j) acc[m][j] = vpadalq_u8(acc[m][j], vcntq_u8(veorq_u8(av, wv[j])));
+      }
+    }
+    for (int m = 0; m < MR; ++m)
+      for (int j = 0; j < 4; ++j) total[m][j] = vpadalq_u16(total[m][j], acc[m][j]);
+  }
+  for (int m = 0; m < MR && r0 + m < t.rows; ++m)
+    for (int j = 0; j < 4; ++j) {
+      const uint64x2_t pc = vpaddlq_u32(total[m][j]);
+      for (int h = 0; h < 2; ++h) {
+        const int64_t n = p * kBinaryPanel + 2 * j + h;
+        if (n < t.N) t.out[(r0 + m) * t.ldo + n] = finish(t, r0 + m, n, static_cast<int64_t>(h ? vgetq_lane_u64(pc, 1) : vgetq_lane_u64(pc, 0)));
+      }
+    }
+}
+
+void binary_tile_impl(const BinaryTileArgs& t) {
+  const int64_t np = ceil_div(t.N, kBinaryPanel);
+  for (int64_t p = 0; p < np; ++p) {
+    int64_t r = 0;
+    for (; r + kMR <= t.rows; r += kMR) tile<kMR>(t, r, p);
+    for (; r < t.rows; ++r) tile<1>(t, r, p);
+  }
+}
+
+// Byte i of the result has bit j set when x[8 i + j] >= 0, for 8 floats per byte.
+inline uint8_t sign_byte(const float* x) {
+  const float32x4_t zero = vdupq_n_f32(0.0f);
+  const uint8x8_t weight = {1, 2, 4, 8, 16, 32, 64, 128};
+  const uint16x8_t ge = vcombine_u16(vmovn_u32(vcgeq_f32(vld1q_f32(x), zero)), vmovn_u32(vcgeq_f32(vld1q_f32(x + 4), zero)));
+  return vaddv_u8(vand_u8(vmovn_u16(ge), weight));
+}
+
+void pack_sign_rows_impl(const float* x, int64_t rows, int64_t K, int64_t ldx, uint64_t* out, int64_t ldw) {
+  const int64_t words = ceil_div(K, 64);
+  for (int64_t i = 0; i < rows; ++i) {
+    const float* xr = x + i * ldx;
+    for (int64_t wd = 0; wd < words; ++wd) {
+      uint64_t bits = 0;
+      int64_t k = wd * 64;
+      const int64_t end = k + 64 < K ? k + 64 : K;
+      for (; k + 8 <= end; k += 8) bits |= static_cast<uint64_t>(sign_byte(xr + k)) << (k - wd * 64);
+      for (; k < end; ++k) bits |= static_cast<uint64_t>(xr[k] >= 0.0f) << (k - wd * 64);
+      out[i * ldw + wd] = bits;
+    }
+  }
+}
+
+// Popcount of (a ^ w) over `words` words, 2 words per vector.
+inline int64_t xor_popcount_body(const uint64_t* a, const uint64_t* w, int64_t words) {
+  uint64x2_t total = vdupq_n_u64(0);
+  int64_t k = 0;
+  while (k + 2 <= words) {
+    uint16x8_t acc = vdupq_n_u16(0);
+    for (int64_t i = 0; i < kFlush && k + 2 <= words; ++i, k += 2)
+      acc = vpadalq_u8(acc, vcntq_u8(veorq_u8(vreinterpretq_u8_u64(vld1q_u64(a + k)), vreinterpretq_u8_u64(vld1q_u64(w + k)))));
+    total = vpadalq_u32(total, vpaddlq_u16(acc));
+  }
+  int64_t pc = static_cast<int64_t>(vaddvq_u64(total));
+  for (; k < words; ++k) pc += __builtin_popcountll(a[k] ^ w[k]);
+  return pc;
+}
+
+// 4 pixels per step: each channel's compare mask, widened to 64-bit lanes, selects its bit.
+void pack_sign_planes_impl(const float* x, int64_t C, int64_t plane_stride, int64_t pixels, uint64_t* out,
+                           int64_t Cw) {
+  const float32x4_t zero = vdupq_n_f32(0.0f);
+  int64_t p = 0;
+  for (; p + 4 <= pixels; p += 4)
+    for (int64_t w = 0; w < Cw; ++w) {
+      uint64x2_t lo = vdupq_n_u64(0), hi = vdupq_n_u64(0);
+      const int64_t c1 = (w + 1) * 64 < C ? (w + 1) * 64 : C;
+      for (int64_t c = w * 64; c < c1; ++c) {
+        const uint32x4_t ge = vcgeq_f32(vld1q_f32(x + c * plane_stride + p), zero);
+        const uint64x2_t bit = vdupq_n_u64(1ULL << (c - w * 64));
+        lo = vorrq_u64(lo, vandq_u64(vreinterpretq_u64_s64(vmovl_s32(vreinterpret_s32_u32(vget_low_u32(ge)))), bit));
+        hi = vorrq_u64(hi, vandq_u64(vreinterpretq_u64_s64(vmovl_high_s32(vreinterpretq_s32_u32(ge))), bit));
+      }
+      out[p * Cw + w] = vgetq_lane_u64(lo, 0);
+      out[(p + 1) * Cw + w] = vgetq_lane_u64(lo, 1);
+      out[(p + 2) * Cw + w] = vgetq_lane_u64(hi, 0);
+      out[(p + 3) * Cw + w] = vgetq_lane_u64(hi, 1);
     }
   for (; p < pixels; ++p)
     for (int64_t w = 0; w < Cw; ++w) {

@@ -1,19 +1,27 @@
-// int4 / int3 weight GEMM and per-row int8 quantization, compiled once per ISA (isa.h).
+// int4 / int3 weight GEMM and per-row int8 quantization, compiled once per ISA (isa.h on x86,
+// isa_neon.h on aarch64).
 //
 // int8 activations: weights are decoded to unsigned codes u = code + offset and multiplied
 // with the signed activations (vpdpbusd on AVX-512 VNNI, vpmaddubsw + vpmaddwd on AVX2).
 // offset * sum(a) is subtracted lane by lane in integers, so each group's dot product is exact
 // before its scale is applied; with one group per row the result is float(dot) * scale *
-// x_scale, bit for bit what the reference computes.
-// fp32 activations: the codes index a table that already holds code * scale, the reference's
-// dequantized weight to the bit, so only the summation order differs from the reference.
+// x_scale, bit for bit what the reference computes. NEON decodes signed codes instead (SDOT
+// and vmull_s8 are signed x signed), so it needs no offset correction.
+// fp32 activations: the weights are code * scale, the reference's dequantized weight to the
+// bit (a table of code * scale on AVX-512, one fma or multiplication elsewhere), so only the
+// summation order differs from the reference.
 //
 // Tiles: MR activation rows x NR weight rows share every decoded weight block and every
-// activation load; the tail rows run as 1 x NR and 1 x 1 tiles.
+// activation load; the activation rows left over (all of them in a GEMV) run as 1 x NR1 tiles
+// and the last weight rows as 1 x 1 (tile_loop).
 #include <cmath>
 
 #include "qtool_kernels.h"
+#if defined(QTOOL_ISA_NEON) || defined(QTOOL_ISA_NEONDOT)
+#include "isa_neon.h"  // aarch64 builds; isa.h covers x86 and scalar
+#else
 #include "isa.h"
+#endif
 
 namespace qtool {
 namespace cpu {
@@ -51,6 +59,7 @@ inline int64_t group_end(const LowbitArgs& A, int64_t g) {
 // ------------------------------------------------------------------------------- AVX-512
 constexpr int kLanes = 16;
 constexpr int kMR = 4, kNR = 4;  // int8 tile: 16 accumulators + 4 decoded blocks
+constexpr int kNR1 = 8;          // GEMV: 8 weight rows in flight (memory-bound; 4 were 1.6x slower)
 constexpr int kMRf = 4, kNRf = 4;
 
 template <int BITS>
@@ -244,6 +253,7 @@ void quantize_rows(const float* x, int64_t rows, int64_t K, int64_t ldx, int8_t*
 // ---------------------------------------------------------------------------------- AVX2
 constexpr int kLanes = 8;
 constexpr int kMR = 3, kNR = 2;
+constexpr int kNR1 = 4;  // GEMV: 4 weight rows in flight (i8_row_tile; 8 spill the 16 ymm)
 constexpr int kMRf = 4, kNRf = 2;
 
 // Byte i of the result is 4 when bit i of `bits` is set, else 0.
@@ -315,8 +325,68 @@ void lane_sums(const LowbitArgs& A, int64_t m0, int64_t m1) {
   }
 }
 
+// One activation row against NR weight rows (GEMV, and the rows an MR-row tile leaves over).
+// Without VNNI the widening vpmaddwd costs as much as the products, so the int16 pair sums of
+// kChunk blocks are added first and widened once: |sum| <= kChunk * 2 * (2 * 15 * 128) = 30720
+// < 2^15 (u <= 15, a >= -128), exact. NR rows stream at once to keep enough lines in flight.
+template <int BITS, int NR, bool GROUPED>
+void i8_row_tile(const LowbitArgs& A, int64_t m0, int64_t n0) {
+  constexpr int64_t BB = BITS == 4 ? 32 : 24;
+  constexpr int64_t kChunk = 4;
+  const Rows<int8_t, 1> rows = rows_at<int8_t, 1>(A.xq, A.xq_tail, A.ldx, A.K, m0);
+  const uint8_t* w[NR];
+  const float* s[NR];
+  for (int r = 0; r < NR; ++r) {
+    w[r] = A.w + (n0 + r) * A.w_row_bytes;
+    s[r] = A.scale + (n0 + r) * A.G;
+  }
+  const __m256i ones = _mm256_set1_epi16(1);
+  float res[NR];
+  __m256 facc[NR];
+  for (int r = 0; r < NR; ++r) facc[r] = _mm256_setzero_ps();
+  for (int64_t g = 0; g < A.G; ++g) {
+    __m256i acc[NR];
+    for (int r = 0; r < NR; ++r) acc[r] = _mm256_setzero_si256();
+    for (int64_t b = g * A.group_blocks, b1 = group_end(A, g); b < b1; b += kChunk) {
+      __m256i p[NR];
+      for (int r = 0; r < NR; ++r) p[r] = _mm256_setzero_si256();
+      auto block = [&](int64_t c) {
+        const int8_t* a = rows.block(0, c);
+        const __m256i alo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a));
+        const __m256i ahi = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a + 32));
+        for (int r = 0; r < NR; ++r) {
+          __m256i lo, hi;
+          decode_u8<BITS>(w[r] + c * BB, lo, hi);
+          p[r] = _mm256_add_epi16(p[r], _mm256_add_epi16(_mm256_maddubs_epi16(lo, alo), _mm256_maddubs_epi16(hi, ahi)));
+        }
+      };
+      if (b + kChunk <= b1)
+        for (int64_t c = 0; c < kChunk; ++c) block(b + c);  // constant trip count: unrolled
+      else
+        for (int64_t c = b; c < b1; ++c) block(c);
+      for (int r = 0; r < NR; ++r) acc[r] = _mm256_add_epi32(acc[r], _mm256_madd_epi16(p[r], ones));
+    }
+    const __m256i ls = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(A.lane_sums + (m0 * A.G + g) * kLanes));
+    for (int r = 0; r < NR; ++r) {
+      const __m256i d = _mm256_sub_epi32(acc[r], ls);
+      if constexpr (GROUPED)
+        facc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), _mm256_set1_ps(s[r][g]), facc[r]);
+      else
+        res[r] = static_cast<float>(hsum_epi32(d)) * s[r][0];
+    }
+  }
+  for (int r = 0; r < NR; ++r) {
+    if constexpr (GROUPED) res[r] = hsum_ps(facc[r]);
+    A.out[m0 * A.ldo + n0 + r] = res[r] * A.x_scale[m0];
+  }
+}
+
 template <int BITS, int MR, int NR, bool GROUPED>
 void i8_tile(const LowbitArgs& A, int64_t m0, int64_t n0) {
+  if constexpr (MR == 1 && NR > 1) {
+    i8_row_tile<BITS, NR, GROUPED>(A, m0, n0);
+    return;
+  }
   constexpr int64_t BB = BITS == 4 ? 32 : 24;
   const Rows<int8_t, MR> rows = rows_at<int8_t, MR>(A.xq, A.xq_tail, A.ldx, A.K, m0);
   const uint8_t* w[NR];
@@ -445,10 +515,162 @@ void quantize_rows(const float* x, int64_t rows, int64_t K, int64_t ldx, int8_t*
   }
 }
 
+#elif defined(QTOOL_ISA_NEON)
+// ---------------------------------------------------------------------------------- NEON
+// Codes are decoded to signed bytes (code = u - offset) and multiplied with the signed
+// activations, so every int32 lane holds an exact signed sum and no lane sums are needed:
+// SDOT (vdotq_s32) in the dot-product build, vmull_s8 + vpadalq_s16 in the baseline one.
+// Group results are added in the reference's order (float(dot) * scale, group by group).
+constexpr int kLanes = 0;
+constexpr int kMR = 4, kNR = 2, kNR1 = 4;  // 8 accumulators + 8 decoded vectors (of 32)
+constexpr int kMRf = 4, kNRf = 2;
+
+// The 64 signed codes of one block: c[q] holds k = 16q .. 16q + 15.
+template <int BITS>
+inline void decode_s8(const uint8_t* p, int8x16_t c[4]) {
+  if constexpr (BITS == 4) {
+    const uint8x16_t v0 = vld1q_u8(p), v1 = vld1q_u8(p + 16), nib = vdupq_n_u8(0x0F);
+    const uint8x16_t u[4] = {vandq_u8(v0, nib), vandq_u8(v1, nib), vshrq_n_u8(v0, 4), vshrq_n_u8(v1, 4)};
+    for (int q = 0; q < 4; ++q) c[q] = vsubq_s8(vreinterpretq_s8_u8(u[q]), vdupq_n_s8(8));
+  } else {
+    // Byte j of the 2-bit plane holds u2[j], u2[j+16], u2[j+32], u2[j+48]; the high plane's
+    // bytes 2q, 2q+1 hold bit 2 of k = 16q .. 16q + 15, spread to bytes by a table lookup.
+    const uint8x16_t v = vld1q_u8(p), three = vdupq_n_u8(3);
+    const uint8x16_t low[4] = {vandq_u8(v, three), vandq_u8(vshrq_n_u8(v, 2), three),
+                               vandq_u8(vshrq_n_u8(v, 4), three), vshrq_n_u8(v, 6)};
+    const uint8x8_t h = vld1_u8(p + 16);
+    const uint8x16_t hh = vcombine_u8(h, h);
+    const uint8x16_t bit = {1, 2, 4, 8, 16, 32, 64, 128, 1, 2, 4, 8, 16, 32, 64, 128};
+    for (int q = 0; q < 4; ++q) {
+      const uint8x16_t index = vcombine_u8(vdup_n_u8(static_cast<uint8_t>(2 * q)), vdup_n_u8(static_cast<uint8_t>(2 * q + 1)));
+      const uint8x16_t four = vandq_u8(vtstq_u8(vqtbl1q_u8(hh, index), bit), vdupq_n_u8(4));
+      c[q] = vsubq_s8(vreinterpretq_s8_u8(vaddq_u8(low[q], four)), vdupq_n_s8(4));
+    }
+  }
+}
+
+// acc + the 16 products w[j] * a[j], summed into 4 lanes (|w| <= 8, |a| <= 128).
+inline int32x4_t dot16(int32x4_t acc, int8x16_t w, int8x16_t a) {
+#if defined(QTOOL_ISA_NEONDOT)
+  return vdotq_s32(acc, w, a);
+#else
+  // int16 pair sums: |sum| <= 2 * 8 * 128, no overflow
+  return vpadalq_s16(acc, vmlal_high_s8(vmull_s8(vget_low_s8(w), vget_low_s8(a)), w, a));
+#endif
+}
+
+template <int BITS>
+void lane_sums(const LowbitArgs&, int64_t, int64_t) {}
+
+template <int BITS, int MR, int NR, bool GROUPED>
+void i8_tile(const LowbitArgs& A, int64_t m0, int64_t n0) {
+  constexpr int64_t BB = BITS == 4 ? 32 : 24;
+  const Rows<int8_t, MR> rows = rows_at<int8_t, MR>(A.xq, A.xq_tail, A.ldx, A.K, m0);
+  const uint8_t* w[NR];
+  const float* s[NR];
+  for (int r = 0; r < NR; ++r) {
+    w[r] = A.w + (n0 + r) * A.w_row_bytes;
+    s[r] = A.scale + (n0 + r) * A.G;
+  }
+  float res[MR][NR] = {};
+  for (int64_t g = 0; g < A.G; ++g) {
+    int32x4_t acc[MR][NR];
+    for (int m = 0; m < MR; ++m)
+      for (int r = 0; r < NR; ++r) acc[m][r] = vdupq_n_s32(0);
+    for (int64_t b = g * A.group_blocks, b1 = group_end(A, g); b < b1; ++b) {
+      int8x16_t wc[NR][4];
+      for (int r = 0; r < NR; ++r) decode_s8<BITS>(w[r] + b * BB, wc[r]);
+      for (int m = 0; m < MR; ++m) {
+        const int8_t* a = rows.block(m, b);
+        for (int q = 0; q < 4; ++q) {
+          const int8x16_t av = vld1q_s8(a + 16 * q);
+          for (int r = 0; r < NR; ++r) acc[m][r] = dot16(acc[m][r], wc[r][q], av);
+        }
+      }
+    }
+    for (int m = 0; m < MR; ++m)
+      for (int r = 0; r < NR; ++r) {
+        const float term = static_cast<float>(vaddvq_s32(acc[m][r])) * s[r][g];
+        res[m][r] = g == 0 ? term : res[m][r] + term;
+      }
+  }
+  for (int m = 0; m < MR; ++m)
+    for (int r = 0; r < NR; ++r) A.out[(m0 + m) * A.ldo + n0 + r] = res[m][r] * A.x_scale[m0 + m];
+}
+
+// fp32 activations: code * scale in one multiplication, the reference's dequantized weight.
+template <int BITS, int MR, int NR>
+void f32_tile(const LowbitArgs& A, int64_t m0, int64_t n0) {
+  constexpr int64_t BB = BITS == 4 ? 32 : 24;
+  const Rows<float, MR> rows = rows_at<float, MR>(A.x, A.x_tail, A.ldx, A.K, m0);
+  const uint8_t* w[NR];
+  const float* s[NR];
+  for (int r = 0; r < NR; ++r) {
+    w[r] = A.w + (n0 + r) * A.w_row_bytes;
+    s[r] = A.scale + (n0 + r) * A.G;
+  }
+  float32x4_t acc[MR][NR];
+  for (int m = 0; m < MR; ++m)
+    for (int r = 0; r < NR; ++r) acc[m][r] = vdupq_n_f32(0.0f);
+  for (int64_t g = 0; g < A.G; ++g) {
+    for (int64_t b = g * A.group_blocks, b1 = group_end(A, g); b < b1; ++b) {
+      for (int r = 0; r < NR; ++r) {
+        int8x16_t c[4];
+        decode_s8<BITS>(w[r] + b * BB, c);
+        for (int q = 0; q < 4; ++q) {
+          const int16x8_t lo = vmovl_s8(vget_low_s8(c[q])), hi = vmovl_high_s8(c[q]);
+          const int32x4_t ci[4] = {vmovl_s16(vget_low_s16(lo)), vmovl_high_s16(lo), vmovl_s16(vget_low_s16(hi)),
+                                   vmovl_high_s16(hi)};
+          for (int i = 0; i < 4; ++i) {
+            const float32x4_t wv = vmulq_n_f32(vcvtq_f32_s32(ci[i]), s[r][g]);
+            for (int m = 0; m < MR; ++m)
+              acc[m][r] = vfmaq_f32(acc[m][r], wv, vld1q_f32(rows.block(m, b) + 16 * q + 4 * i));
+          }
+        }
+      }
+    }
+  }
+  for (int m = 0; m < MR; ++m)
+    for (int r = 0; r < NR; ++r) A.out[(m0 + m) * A.ldo + n0 + r] = vaddvq_f32(acc[m][r]);
+}
+
+template <int MR, int NR>
+void f32_tile4(const LowbitArgs& A, int64_t m0, int64_t n0) { f32_tile<4, MR, NR>(A, m0, n0); }
+template <int MR, int NR>
+void f32_tile3(const LowbitArgs& A, int64_t m0, int64_t n0) { f32_tile<3, MR, NR>(A, m0, n0); }
+
+void quantize_rows(const float* x, int64_t rows, int64_t K, int64_t ldx, int8_t* q, int64_t ldq,
+                   float* scale) {
+  for (int64_t i = 0; i < rows; ++i) {
+    const float* xr = x + i * ldx;
+    int8_t* qr = q + i * ldq;
+    float32x4_t peak = vdupq_n_f32(0.0f);
+    int64_t k = 0;
+    for (; k + 4 <= K; k += 4) peak = vmaxq_f32(peak, vabsq_f32(vld1q_f32(xr + k)));
+    float amax = vmaxvq_f32(peak);
+    for (; k < K; ++k) amax = std::fabs(xr[k]) > amax ? std::fabs(xr[k]) : amax;
+    const float s = amax > 0.0f ? amax / 127.0f : 1.0f;
+    const float32x4_t sv = vdupq_n_f32(s);
+    const int32x4_t lo = vdupq_n_s32(-127), hi = vdupq_n_s32(127);
+    for (k = 0; k + 8 <= K; k += 8) {
+      // x / s rounded half to even (vrndnq), as torch.round; the clamp only matters for x = amax
+      int32x4_t c[2];
+      for (int h = 0; h < 2; ++h)
+        c[h] = vminq_s32(vmaxq_s32(vcvtq_s32_f32(vrndnq_f32(vdivq_f32(vld1q_f32(xr + k + 4 * h), sv))), lo), hi);
+      vst1_s8(qr + k, vmovn_s16(vcombine_s16(vmovn_s32(c[0]), vmovn_s32(c[1]))));
+    }
+    for (; k < K; ++k) {
+      const float v = std::nearbyint(xr[k] / s);
+      qr[k] = static_cast<int8_t>(v > 127.0f ? 127 : (v < -127.0f ? -127 : v));
+    }
+    scale[i] = s;
+  }
+}
+
 #else
 // -------------------------------------------------------------------------------- scalar
 constexpr int kLanes = 0;  // exact signed dot products: no offset to subtract
-constexpr int kMR = 1, kNR = 1;
+constexpr int kMR = 1, kNR = 1, kNR1 = 1;
 constexpr int kMRf = 1, kNRf = 1;
 
 template <int BITS>
@@ -511,15 +733,18 @@ void quantize_rows(const float* x, int64_t rows, int64_t K, int64_t ldx, int8_t*
 }
 #endif
 
-// Walks weight rows [n0, n1) in NR-row tiles and all activation rows in MR-row tiles; the
-// leftover rows run as 1 x NR and 1 x 1 tiles.
-template <int MR, int NR, typename Tile>
+// Walks weight rows [n0, n1) in steps of NR1 rows: MR x NR tiles for the activation rows
+// that fill whole MR-row tiles, then 1 x NR1 tiles for the rest (all rows of a GEMV), so each
+// weight row is read once while it is in cache; the last n1 % NR1 weight rows run as 1 x 1.
+template <int MR, int NR, int NR1, typename Tile>
 void tile_loop(const LowbitArgs& A, int64_t n0, int64_t n1) {
+  static_assert(NR1 % NR == 0, "the single-row tile covers whole MR x NR tiles");
+  const int64_t mfull = A.M - A.M % MR;
   int64_t n = n0;
-  for (; n + NR <= n1; n += NR) {
-    int64_t m = 0;
-    for (; m + MR <= A.M; m += MR) Tile::template run<MR, NR>(A, m, n);
-    for (; m < A.M; ++m) Tile::template run<1, NR>(A, m, n);
+  for (; n + NR1 <= n1; n += NR1) {
+    for (int64_t j = n; j < n + NR1; j += NR)
+      for (int64_t m = 0; m < mfull; m += MR) Tile::template run<MR, NR>(A, m, j);
+    for (int64_t m = mfull; m < A.M; ++m) Tile::template run<1, NR1>(A, m, n);
   }
   for (; n < n1; ++n)
     for (int64_t m = 0; m < A.M; ++m) Tile::template run<1, 1>(A, m, n);
@@ -556,16 +781,16 @@ void lowbit_lane_sums(const LowbitArgs& A, int64_t m0, int64_t m1) {
 void lowbit_i8(const LowbitArgs& A, int64_t n0, int64_t n1) {
   const bool grouped = A.G > 1;
   if (A.bits == 4)
-    grouped ? tile_loop<kMR, kNR, I8Tile<4, true>>(A, n0, n1) : tile_loop<kMR, kNR, I8Tile<4, false>>(A, n0, n1);
+    grouped ? tile_loop<kMR, kNR, kNR1, I8Tile<4, true>>(A, n0, n1) : tile_loop<kMR, kNR, kNR1, I8Tile<4, false>>(A, n0, n1);
   else
-    grouped ? tile_loop<kMR, kNR, I8Tile<3, true>>(A, n0, n1) : tile_loop<kMR, kNR, I8Tile<3, false>>(A, n0, n1);
+    grouped ? tile_loop<kMR, kNR, kNR1, I8Tile<3, true>>(A, n0, n1) : tile_loop<kMR, kNR, kNR1, I8Tile<3, false>>(A, n0, n1);
 }
 
 void lowbit_f32(const LowbitArgs& A, int64_t n0, int64_t n1) {
   if (A.bits == 4)
-    tile_loop<kMRf, kNRf, F32Tile<4>>(A, n0, n1);
+    tile_loop<kMRf, kNRf, kNRf, F32Tile<4>>(A, n0, n1);
   else
-    tile_loop<kMRf, kNRf, F32Tile<3>>(A, n0, n1);
+    tile_loop<kMRf, kNRf, kNRf, F32Tile<3>>(A, n0, n1);
 }
 
 void quantize_rows_i8(const float* x, int64_t rows, int64_t K, int64_t ldx, int8_t* q, int64_t ldq,

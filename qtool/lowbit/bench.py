@@ -8,8 +8,9 @@ linears rotate over more distinct weight copies than the last-level cache holds 
 per side), so each call streams its weights from DRAM, as in a real model.
 
 Each row reports ours_ms, fp32_ms, speedup, the throughput (GOP/s, or G binary MAC/s for
-XNOR kernels), the effective bandwidth and the fraction of this machine's roofline: the
-per-core peaks and bandwidths measured in docs/research/research-kernels.md §4.1.
+XNOR kernels), the effective bandwidth and a roofline fraction. The roofline's peaks and
+bandwidths were measured once, on the reference VM (``ROOFLINE_SOURCE``), not on the machine at
+hand: elsewhere the fraction only says how far a kernel is from what that VM could do.
 """
 
 from __future__ import annotations
@@ -28,9 +29,12 @@ from qtool.atomic import write_text_atomic
 from qtool.errors import QtoolError
 from qtool.lowbit import ops
 
-# ------------------------------------------------------------------ roofline (measured, §4.1)
+# ---------------------------------------------------------------- roofline of the reference VM
+ROOFLINE_SOURCE = ("peaks and bandwidths measured on the reference VM (Intel Xeon, 2 vCPU, AVX-512 VNNI; "
+                   "../shared/docs/research/research-kernels.md §4.1), not on this machine")
+ROOFLINE_LABEL = "roofline (ref. VM)"
 # Per-core instruction-mix peaks, in G ops/s (binary: G binary MACs/s); bandwidths in GB/s for
-# 1 and 2 threads. Midpoints of the ranges measured on this VM.
+# 1 and 2 threads. Midpoints of the ranges measured on the reference VM.
 PEAK_PER_CORE = {
     "fp32": 150.0,            # vfmadd231ps zmm: 140-163 GFLOP/s
     "fp32_avx2": 70.0,        # vfmadd231ps ymm: 62-81
@@ -42,7 +46,7 @@ PEAK_PER_CORE = {
 }
 DRAM_GBPS = {1: 13.3, 2: 24.2}   # 128 MiB - 2 GiB streaming reads
 CACHE_GBPS = {1: 24.0, 2: 44.0}  # 16 MiB working set (LLC)
-ROTATE_BYTES = 320 * 2**20       # more than the 300 MB L3 the VM reports
+ROTATE_BYTES = 320 * 2**20       # more than the 300 MB L3 the reference VM reports
 
 
 def median_ms(fn: Callable[[], object], repeats: int = 20, warmup: int = 3) -> float:
@@ -331,8 +335,8 @@ def run_kernel_benchmarks(threads: list[int], quick: bool, json_path: str | None
         torch.set_num_threads(previous_threads)
         ops.set_isa(previous_isa)
     result = {"kernels": rows, "machine": {"torch": torch.__version__, "supported_isas": ops.supported_isas(),
-                                           "roofline": {"peak_per_core": PEAK_PER_CORE, "dram_gbps": DRAM_GBPS,
-                                                        "cache_gbps": CACHE_GBPS}},
+                                           "roofline": {"measured_on": ROOFLINE_SOURCE, "peak_per_core": PEAK_PER_CORE,
+                                                        "dram_gbps": DRAM_GBPS, "cache_gbps": CACHE_GBPS}},
               "method": "medians of alternating runs (ours, fp32, ...) after warm-up, same process and threads; "
                         "linears rotate "
                         f"weights over > {ROTATE_BYTES >> 20} MiB"}
@@ -345,7 +349,8 @@ def format_row(row: dict) -> str:
     text = (f"{row['name']:<24} {str(row['shape']):<28} t={row['threads']} {row['isa']:<7} "
             f"ours {row['ours_ms']:9.3f} ms  fp32 {row['fp32_ms']:9.3f} ms  x{row['speedup']:<6} ")
     if "gops" in row:
-        text += f"{row['gops']:8.1f} {row['unit']:<10} {row['gbps']:7.2f} GB/s  roof {row['roofline_fraction']:.2f}"
+        text += f"{row['gops']:8.1f} {row['unit']:<10} {row['gbps']:7.2f} GB/s  "
+        text += f"{ROOFLINE_LABEL} {row['roofline_fraction']:.2f}"
     else:
         text += f"max|diff| {row['max_abs_diff']:.2e}  top-1 agree {row['top1_agreement']}"
     if "speedup_vs_avx2_fp32" in row:
@@ -355,7 +360,7 @@ def format_row(row: dict) -> str:
 
 def markdown_table(result: dict) -> str:
     """The rows of a ``run_kernel_benchmarks`` result as a Markdown table."""
-    lines = ["| kernel | shape | threads | ISA | ours ms | fp32 ms | speedup | throughput | GB/s | roofline | "
+    lines = [f"| kernel | shape | threads | ISA | ours ms | fp32 ms | speedup | throughput | GB/s | {ROOFLINE_LABEL} | "
              "fp32 on AVX2 only |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["kernels"]:
@@ -366,7 +371,7 @@ def markdown_table(result: dict) -> str:
         avx2 = f"{r['fp32_avx2_ms']} ms (x{r['speedup_vs_avx2_fp32']})" if "fp32_avx2_ms" in r else ""
         lines.append(f"| {r['name']} | {r['shape']} | {r['threads']} | {r['isa']} | {r['ours_ms']} | {r['fp32_ms']} | "
                      f"**{r['speedup']}x** | {throughput} | {gbps} | {roof} | {avx2} |")
-    return "\n".join(lines)
+    return "\n".join(lines + ["", f"{ROOFLINE_LABEL}: {ROOFLINE_SOURCE}."])
 
 
 def main(argv: list[str] | None = None) -> None:

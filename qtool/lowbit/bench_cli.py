@@ -13,7 +13,7 @@ from rich.table import Table
 
 from qtool.checkpoint import load_model
 from qtool.errors import QtoolError
-from qtool.lowbit.bench import run_kernel_benchmarks
+from qtool.lowbit.bench import ROOFLINE_LABEL, ROOFLINE_SOURCE, run_kernel_benchmarks
 from qtool.lowbit.runtime import bench_checkpoint_model
 
 
@@ -22,8 +22,9 @@ def kernel_suite(threads: int, quick: bool, console: Console | None = None) -> d
     console = console or Console()
     with console.status("timing the kernels against fp32 torch ..."):
         result = run_kernel_benchmarks([threads], quick, json_path=None)
-    table = Table(title=f"qtool kernels vs fp32 torch, {threads} thread(s), medians of alternating runs")
-    for column in ("op", "shape", "isa", "ours ms", "fp32 ms", "speedup", "roofline"):
+    table = Table(title=f"qtool kernels vs fp32 torch, {threads} thread(s), medians of alternating runs",
+                  caption=f"{ROOFLINE_LABEL}: {ROOFLINE_SOURCE}")
+    for column in ("op", "shape", "isa", "ours ms", "fp32 ms", "speedup", ROOFLINE_LABEL):
         table.add_column(column, justify="left" if column in ("op", "shape", "isa") else "right")
     for row in result["kernels"]:
         roofline = row.get("roofline_fraction")

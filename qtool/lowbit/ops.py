@@ -1,21 +1,18 @@
-"""The ``torch.ops.qtool`` operators.
+"""The low-bit ``torch.ops.qtool`` operators: packing, int4/int3 and binary GEMM/conv.
 
-Importing this module loads the compiled extension once (building it into the cache on first
-use, see ``build``). When that fails, it prints a one-line notice and registers the
-pure-PyTorch reference under the same operator names, so callers use ``torch.ops.qtool.*``
-either way; ``backend()`` tells which one runs. ``QTOOL_KERNELS=reference`` forces the
-reference. Fake (meta) implementations are registered for both, so ``torch.compile`` and
-``torch.export`` trace through the ops.
+Importing this module loads the one op library (``qtool.native.library``: the compiled kernels,
+or, after one notice line, the pure-PyTorch reference in ``reference``), so callers use
+``torch.ops.qtool.*`` either way; ``backend()`` tells which one runs. Fake (meta)
+implementations are registered for both, so ``torch.compile`` and ``torch.export`` trace
+through the ops.
 """
 
 from __future__ import annotations
 
-import os
-import sys
-
 import torch
 
-from qtool.lowbit import build, reference
+from qtool.lowbit import reference
+from qtool.native import library
 
 # Must match kernels/registration.cpp (tests/kernels/test_ops.py compares them).
 SCHEMAS = {
@@ -33,25 +30,6 @@ SCHEMAS = {
     "binary_conv2d": "binary_conv2d(Tensor x, Tensor w, int in_channels, int[2] kernel_size, int[2] stride, "
                      "int[2] padding, int[2] dilation, Tensor? scale=None) -> Tensor",
 }
-
-_backend = "unloaded"
-_reference_library: torch.library.Library | None = None
-
-
-def _load_extension() -> None:
-    path = build.library_path()
-    if path.exists():
-        torch.ops.load_library(str(path))
-    else:
-        build.build_kernels()  # compiles and loads
-
-
-def _register_reference() -> None:
-    global _reference_library
-    _reference_library = torch.library.Library("qtool", "DEF")
-    for name, schema in SCHEMAS.items():
-        _reference_library.define(schema)
-        _reference_library.impl(name, reference.OPS[name], "CompositeExplicitAutograd")
 
 
 def _blocks(K):
@@ -110,45 +88,24 @@ def _register_fakes() -> None:
                            memory_format=torch.channels_last)
 
 
-def _load() -> None:
-    global _backend
-    if _backend != "unloaded":
-        return
-    if os.environ.get("QTOOL_KERNELS", "").lower() == "reference":
-        _register_reference()
-        _backend = "reference"
-    else:
-        try:
-            _load_extension()
-            _backend = "extension"
-        except Exception as error:  # any build or load failure: run the reference instead
-            reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
-            print(f"qtool: low-bit kernel extension unavailable ({type(error).__name__}: {reason[:160]}); "
-                  "using the pure-PyTorch reference (run `qtool build-kernels` for the build log)",
-                  file=sys.stderr)
-            _register_reference()
-            _backend = "reference"
-    _register_fakes()
-
-
 def backend() -> str:
     """``"extension"`` (compiled kernels) or ``"reference"`` (pure PyTorch)."""
-    return _backend
+    return library.load()
 
 
 def isa() -> str:
     """The CPU instruction set the kernels run: ``avx512``, ``avx2``, ``scalar`` or ``reference``."""
-    return torch.ops.qtool._cpu_isa() if _backend == "extension" else "reference"
+    return torch.ops.qtool._cpu_isa() if backend() == "extension" else "reference"
 
 
 def supported_isas() -> list[str]:
-    return torch.ops.qtool._cpu_isas().split(",") if _backend == "extension" else []
+    return torch.ops.qtool._cpu_isas().split(",") if backend() == "extension" else []
 
 
 def set_isa(name: str) -> str:
     """Switch the CPU kernels to ``name`` (``avx512``, ``avx2``, ``scalar``, ``auto``); for tests
     and benchmarks. ``QTOOL_KERNEL_ISA`` picks the ISA at load time."""
-    if _backend != "extension":
+    if backend() != "extension":
         raise RuntimeError("the compiled kernels are not loaded; only the reference runs")
     return torch.ops.qtool._set_cpu_isa(name)
 
@@ -167,4 +124,5 @@ def pack_conv_weight_binary(weight: torch.Tensor) -> torch.Tensor:
     return torch.ops.qtool.pack_binary(reference.binary_weight_order(weight).float().contiguous())
 
 
-_load()
+library.register(SCHEMAS, reference.OPS)
+_register_fakes()

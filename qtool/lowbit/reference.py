@@ -1,5 +1,5 @@
-"""Pure-PyTorch implementation of every ``qtool`` operator: the test oracle, and the fallback
-registered under the same names when the compiled extension is unavailable.
+"""Pure-PyTorch implementation of every low-bit ``qtool`` operator: the test oracle, and the fallback
+registered under the same names when the compiled library is unavailable.
 
 Each function takes the arguments of its operator schema (``ops.SCHEMAS``) and follows the
 packed layouts of ``kernels/include/qtool_kernels.h``:

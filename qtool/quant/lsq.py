@@ -122,7 +122,7 @@ class LSQQuantizer(nn.Module):
                 for step in steps.unbind(dim=1)
             ], dim=1)
             best = error.argmin(dim=1, keepdim=True)
-            centre = fractions.gather(1, best) if fractions.dim() == 2 else fractions[best]
+            centre = fractions.gather(1, best)
         return steps.gather(1, best).squeeze(1)
 
     # -- forward ------------------------------------------------------------------------------

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import torch
 
-from qtool.checkpoint import atomic_path
 from qtool.errors import QtoolError
+from qtool.plots import Panel, write_panels
 from qtool.quant.binary import BinaryConv2d, binary_layers, binary_options, binary_sign, power_function
 from qtool.train.methods import Method, register
 
@@ -90,27 +90,20 @@ class EstimatorSchedule:
                               "t": self.layers[0].estimator.t, "m": self.layers[0].estimator.m}}
 
     def write_artifacts(self, out_dir) -> None:
-        """``estimator.png``: both indicators (and o) per epoch, next to report.json."""
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
+        """``estimator.png``: both indicators and o per epoch, next to report.json."""
         epochs = list(range(1, len(self.history["o"]) + 1))
-        figure, (error_axis, stability_axis) = plt.subplots(1, 2, figsize=(10, 3.8), constrained_layout=True)
-        error_axis.plot(epochs, self.history["estimating_error"], "o-", label="at the epoch's o")
-        error_axis.plot(epochs, self.history["estimating_error_o_end"], "s--", label=f"at o_end = {self.o_end:g}")
-        error_axis.set(title="estimating error (mean over binary layers)", xlabel="epoch", ylabel="||sign(w) - f(w)||")
-        error_axis.legend()
-        o_axis = error_axis.twinx()
-        o_axis.plot(epochs, self.history["o"], ":", color="grey")
-        o_axis.set_ylabel("o (dotted)")
-        stability_axis.plot(epochs, self.history["gradient_stability"], "o-", color="tab:red")
-        stability_axis.set(title="gradient stability var(|g|) (lower: steadier)", xlabel="epoch", yscale="log")
-        figure.suptitle(f"{self.estimator.upper()} estimator")
-        with atomic_path(Path(out_dir) / "estimator.png") as tmp:
-            figure.savefig(tmp, format="png", dpi=100)
-        plt.close(figure)
+
+        def curve(key: str) -> tuple[list[int], list[float]]:
+            return epochs, self.history[key]
+
+        error = Panel("estimating error (mean over binary layers)", "||sign(w) - f(w)||",
+                      {"at the epoch's o": curve("estimating_error"),
+                       f"at o_end = {self.o_end:g}": curve("estimating_error_o_end")}, xlabel="epoch")
+        schedule = Panel("o (1 = STE)", "o", {"o": curve("o")}, xlabel="epoch")
+        stability = Panel("gradient stability var(|g|) (lower: steadier)", "var(|g|)",
+                          {"var(|g|)": curve("gradient_stability")}, xlabel="epoch", yscale="log")
+        write_panels(Path(out_dir) / "estimator.png", [error, schedule, stability],
+                     title=f"{self.estimator.upper()} estimator")
 
     def state_dict(self) -> dict:
         return {"o": self.o, "history": {k: list(v) for k, v in self.history.items()},

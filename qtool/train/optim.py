@@ -8,8 +8,8 @@ All three share one two-pass skeleton:
 4. ``d``   = the update direction, combined from ``g`` and ``g_p`` (method-specific);
 5. hooks (GAQAT) may edit ``d`` for some parameters, then the base optimizer steps with ``d``.
 
-``PlainStep`` has the same interface with a single pass, so a training loop calls
-``optimizer.step(loss_fn)`` whatever the method.
+``PlainStep`` has the same interface with a single pass (``e = 0``, hooks included), so a
+training loop calls ``optimizer.step(loss_fn)`` whatever the method.
 """
 
 from __future__ import annotations
@@ -25,7 +25,8 @@ LossFn = Callable[[bool], tuple[torch.Tensor, torch.Tensor]]
 
 @dataclass
 class TwoPassGrads:
-    """What one two-pass step saw, handed to hooks. Hooks edit ``direction`` in place."""
+    """What one step saw, handed to hooks, which edit ``direction`` in place. A ``PlainStep``
+    hands its one gradient as both ``grad`` and ``perturbed_grad``."""
 
     params: list[torch.nn.Parameter]
     grad: list[torch.Tensor]  # g: clean loss
@@ -54,8 +55,27 @@ class PlainStep:
         self.base.zero_grad(set_to_none=True)
         loss, logits = loss_fn(False)
         loss.backward()
-        self.base.step()
+        if not self.hooks:
+            self.base.step()
+            return loss.detach(), logits.detach()
+        # One pass: the "perturbed" point is w itself (e = 0). Parameters without a gradient
+        # stay out, so that the base optimizer skips them as it would without hooks.
+        params = [p for p in self.params if p.grad is not None]
+        grad = self._gradients(params)
+        value = float(loss.detach())
+        self._step_along(TwoPassGrads(params, grad, grad, [g.clone() for g in grad], value, value))
         return loss.detach(), logits.detach()
+
+    def _gradients(self, params: list[torch.nn.Parameter]) -> list[torch.Tensor]:
+        return [p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p) for p in params]
+
+    def _step_along(self, grads: TwoPassGrads) -> None:
+        """Hooks edit ``grads.direction``; then the base optimizer steps along it."""
+        for hook in self.hooks:
+            hook(grads)
+        for p, d in zip(grads.params, grads.direction):
+            p.grad = d
+        self.base.step()
 
     def state_dict(self) -> dict:
         return self.base.state_dict()
@@ -79,9 +99,6 @@ class TwoPassOptimizer(PlainStep):
     def combine(self, grad: list[torch.Tensor], perturbed: list[torch.Tensor]) -> list[torch.Tensor]:
         raise NotImplementedError
 
-    def _gradients(self, params: list[torch.nn.Parameter]) -> list[torch.Tensor]:
-        return [p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p) for p in params]
-
     def step(self, loss_fn: LossFn) -> tuple[torch.Tensor, torch.Tensor]:
         params = self.params
         self.base.zero_grad(set_to_none=True)
@@ -101,13 +118,8 @@ class TwoPassOptimizer(PlainStep):
             for p, w in zip(params, saved):
                 p.copy_(w)
 
-        grads = TwoPassGrads(params, grad, perturbed, self.combine(grad, perturbed),
-                             float(loss.detach()), float(perturbed_loss.detach()))
-        for hook in self.hooks:
-            hook(grads)
-        for p, d in zip(params, grads.direction):
-            p.grad = d
-        self.base.step()
+        self._step_along(TwoPassGrads(params, grad, perturbed, self.combine(grad, perturbed),
+                                      float(loss.detach()), float(perturbed_loss.detach())))
         return loss.detach(), logits.detach()
 
 

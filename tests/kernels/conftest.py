@@ -8,15 +8,17 @@ from __future__ import annotations
 
 import pytest
 
-from lowbit_testing import ISAS, using_isa
+from lowbit_testing import ISAS, register_every_op_family, using_isa
 
 
 @pytest.fixture(scope="session")
 def qops():
-    """``qtool.lowbit.ops`` with the compiled extension loaded (fails, never skips, without it)."""
+    """``qtool.lowbit.ops`` with the compiled library loaded and every op family registered
+    (fails, never skips, without it)."""
     from qtool.lowbit import ops
 
-    assert ops.backend() == "extension", "the kernel extension did not build; see `python -m qtool.lowbit.build -v`"
+    register_every_op_family()
+    assert ops.backend() == "extension", "the op library did not build; see `python -m qtool.native.build -v`"
     return ops
 
 

@@ -10,6 +10,12 @@ import torch
 ISAS = ("avx512", "avx2", "scalar")
 
 
+def register_every_op_family():
+    """Import the modules that register the qtool ops (``qtool.native.library.register``)."""
+    from qtool.lowbit import ops  # noqa: F401
+    from qtool.quant import fake_quant, sign_estimator  # noqa: F401
+
+
 @contextlib.contextmanager
 def using_isa(ops, name: str):
     """Run the CPU kernels on ``name`` inside the block; skip when this CPU lacks it."""

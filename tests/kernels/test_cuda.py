@@ -13,7 +13,7 @@ import torch
 from torch.utils import cpp_extension
 
 from lowbit_testing import assert_float_close
-from qtool.lowbit import build
+from qtool.native import build
 from qtool.lowbit import reference as ref
 
 KERNELS = build.kernel_dir()

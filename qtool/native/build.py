@@ -1,16 +1,19 @@
-"""JIT build of the qtool kernel extension, cached on disk.
+"""JIT build of the one qtool op library (``torch.ops.qtool``), cached on disk.
 
 The sources ship as package data (``kernels/`` installs as ``qtool._kernels``), so a wheel can
 build them too; nothing is compiled while pip installs the package. The first use compiles
 (about a minute on two cores); later uses find the library in the cache and only load it.
 
-Cache: ``$QTOOL_KERNEL_CACHE`` or ``~/.cache/qtool/kernels``, one folder per hash of the
-sources, the flags, the compiler, torch and Python, so a change to any of them rebuilds.
+Cache: ``$QTOOL_KERNEL_CACHE``, else ``$QTOOL_CACHE/kernels``, else ``~/.cache/qtool/kernels``;
+one folder per hash of the sources, the flags, the compiler, torch and Python, so a change to
+any of them rebuilds.
 
-Every CPU kernel family (``binary.cpp``, ``lowbit.cpp``) is compiled once per ISA through a
-generated two-line wrapper that defines the ISA macro and includes the family; the library
-picks one build at load time (``cpu/dispatch.cpp``). CUDA sources join the build when torch
-has CUDA and a CUDA toolkit is found.
+Every low-bit CPU kernel family (``binary.cpp``, ``lowbit.cpp``) is compiled once per ISA through
+a generated two-line wrapper that defines the ISA macro and includes the family; the library
+picks one build at load time (``cpu/dispatch.cpp``). The training ops (``fake_quant.cpp``,
+``sign_estimator.cpp``) are compiled once, their loops cloned per ISA by the compiler
+(``cpu/target_clones.h``). CUDA sources join the build when torch has CUDA and a CUDA toolkit is
+found.
 """
 
 from __future__ import annotations
@@ -27,8 +30,12 @@ from pathlib import Path
 NAME = "qtool_kernels"
 FAMILIES = ("binary", "lowbit")
 GENERIC_SOURCES = ("registration.cpp", "cpu/ops_cpu.cpp", "cpu/dispatch.cpp", "cpu/layout.cpp", "cpu/im2col.cpp")
+TRAINING_SOURCES = ("cpu/fake_quant.cpp", "cpu/sign_estimator.cpp")
 CUDA_SOURCES = ("cuda/kernels.cu", "cuda/ops_cuda.cpp")
-CFLAGS = ("-O3", "-Wall", "-Wno-unused-function")  # torch adds -std=c++20
+# torch adds -std=c++20. The last three change no result and let the `#pragma omp simd` loops
+# (reductions, libmvec calls) vectorize; -ffast-math would change results, so it is never used.
+CFLAGS = ("-O3", "-Wall", "-Wno-unused-function", "-fopenmp-simd", "-fno-math-errno", "-fno-trapping-math")
+CUDA_CFLAGS = ("-O3", "--expt-relaxed-constexpr")
 
 
 def kernel_dir() -> Path:
@@ -52,8 +59,9 @@ def cuda_enabled() -> bool:
 
 
 def cache_root() -> Path:
-    root = os.environ.get("QTOOL_KERNEL_CACHE")
-    return Path(root).expanduser() if root else Path.home() / ".cache" / "qtool" / "kernels"
+    if os.environ.get("QTOOL_KERNEL_CACHE"):
+        return Path(os.environ["QTOOL_KERNEL_CACHE"]).expanduser()
+    return Path(os.environ.get("QTOOL_CACHE", Path.home() / ".cache" / "qtool")).expanduser() / "kernels"
 
 
 def _compiler_identity() -> str:
@@ -68,13 +76,28 @@ def _compiler_identity() -> str:
     return f"{compiler}={real}:{stat.st_size}:{stat.st_mtime_ns}"
 
 
-def _flags(with_cuda: bool) -> list[str]:
-    flags = list(CFLAGS)
+def _defines(with_cuda: bool) -> list[str]:
+    """Macros every translation unit sees, host and CUDA alike."""
+    defines = []
     if is_x86():
-        flags.append("-DQTOOL_WITH_X86=1")
+        defines.append("-DQTOOL_WITH_X86=1")
     if with_cuda:
-        flags.append("-DQTOOL_WITH_CUDA=1")
-    return flags
+        defines.append("-DQTOOL_WITH_CUDA=1")
+    return defines
+
+
+def host_flags(with_cuda: bool) -> list[str]:
+    return list(CFLAGS) + _defines(with_cuda)
+
+
+def cuda_flags(with_cuda: bool) -> list[str]:
+    return list(CUDA_CFLAGS) + _defines(with_cuda)
+
+
+def linker_flags() -> list[str]:
+    """``-lmvec`` where sign_estimator.cpp calls glibc's vector exp/log (x86-64 with glibc)."""
+    glibc_x86_64 = platform.machine().lower() in ("x86_64", "amd64") and platform.libc_ver()[0] == "glibc"
+    return ["-lmvec"] if glibc_x86_64 else []
 
 
 def build_id(with_cuda: bool | None = None) -> str:
@@ -87,7 +110,8 @@ def build_id(with_cuda: bool | None = None) -> str:
     for path in sorted(p for p in root.rglob("*") if p.suffix in (".cpp", ".h", ".cu", ".cuh")):
         digest.update(path.relative_to(root).as_posix().encode())
         digest.update(path.read_bytes())
-    for part in (_flags(with_cuda), isas(), torch.__version__, sys.version, platform.machine(), _compiler_identity()):
+    for part in (host_flags(with_cuda), cuda_flags(with_cuda), linker_flags(), isas(), torch.__version__,
+                 sys.version, platform.machine(), _compiler_identity()):
         digest.update(repr(part).encode())
     return digest.hexdigest()[:16]
 
@@ -109,31 +133,48 @@ def _wrappers(folder: Path) -> list[str]:
     return sources
 
 
-def build_kernels(verbose: bool = False) -> str:
-    """Compile the extension unless the cache has it; return the library's path.
+_loaded: str | None = None  # loading a second copy would register every op twice
 
-    Loads the library into this process as a side effect (torch's JIT loader does). Raises on
-    a failed build. Concurrent builds are safe: each compiles in its own folder and the first
-    to finish publishes its result with an atomic rename.
+
+def build_kernels(verbose: bool = False) -> str:
+    """Load the library into this process, compiling it into the cache first unless it is
+    there; return its path. Raises on a failed build or load.
+
+    Concurrent builds are safe: each compiles in its own folder and the first to finish
+    publishes its result with an atomic rename (the others keep the copy they loaded).
     """
-    with_cuda = cuda_enabled()
-    target = library_path(with_cuda)
-    if target.exists():
-        return str(target)
+    global _loaded
+    if _loaded is None:
+        with_cuda = cuda_enabled()
+        target = library_path(with_cuda)
+        if target.exists():
+            import torch
+
+            torch.ops.load_library(str(target))
+        else:
+            _compile(target, with_cuda, verbose)
+        _loaded = str(target)
+    return _loaded
+
+
+def _compile(target: Path, with_cuda: bool, verbose: bool) -> None:
+    """Compile into a private folder (torch's JIT loader loads the result from there), then
+    publish that folder as ``target``'s."""
     from torch.utils import cpp_extension
 
     root = kernel_dir()
     target.parent.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f"{target.parent.name}.", dir=target.parent.parent))
     try:
-        sources = [str(root / s) for s in GENERIC_SOURCES] + _wrappers(work / "gen")
+        sources = [str(root / s) for s in GENERIC_SOURCES + TRAINING_SOURCES] + _wrappers(work / "gen")
         if with_cuda:
             sources += [str(root / s) for s in CUDA_SOURCES]
         cpp_extension.load(
             name=NAME,
             sources=sources,
-            extra_cflags=_flags(with_cuda),
-            extra_cuda_cflags=["-O3", "--expt-relaxed-constexpr"] + _flags(with_cuda)[3:],
+            extra_cflags=host_flags(with_cuda),
+            extra_cuda_cflags=cuda_flags(with_cuda),
+            extra_ldflags=linker_flags(),
             extra_include_paths=[str(root / "include"), str(root / "cpu"), str(root / "cuda")],
             build_directory=str(work),
             with_cuda=with_cuda,
@@ -149,7 +190,6 @@ def build_kernels(verbose: bool = False) -> str:
             shutil.rmtree(work, ignore_errors=True)
     if not target.exists():
         raise RuntimeError(f"the kernel build finished but {target} is missing")
-    return str(target)
 
 
 if __name__ == "__main__":
