@@ -64,6 +64,14 @@ def test_grid_resumes_into_results_and_reuses_the_pretrained_start(digits_small,
     assert curve and len(curve) == budget["evals"] and budget["steps"] == start["steps"]
     gaqat_grid.main([*common, "--pretrain-only"])
     assert "skip (done)" in capsys.readouterr().out
+    # killed after its last checkpoint, before the result and the cache entry were written: resumed
+    (tmp_path / "results" / "mnist_m" / "seed0" / "fp-pretrain.json").unlink()
+    for entry in (tmp_path / "cache").iterdir():
+        entry.unlink()
+    gaqat_grid.main([*common, "--pretrain-only"])
+    assert "(resumed)" in capsys.readouterr().out
+    again = json.loads((tmp_path / "results" / "mnist_m" / "seed0" / "fp-pretrain.json").read_text())
+    assert again["convergence"] == start["convergence"] and again["pretrain_key"] == start["pretrain_key"]
     with pytest.raises(SystemExit) as found:
         gaqat_grid.main([*common, "--check-starts"])
     assert found.value.code == 0 and "mnist_m seed 0: cached" in capsys.readouterr().out
