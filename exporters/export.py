@@ -41,6 +41,8 @@ class ExportResult:
     bytes: int
     opset: int
     weight_storage: str
+    numerics: str                            # the numerics used
+    numerics_note: str | None                # why they differ from the ones asked, if they do
     quantized_layers: int
     float_layers: int
     ops: dict[str, int]                      # onnxruntime's optimized graph: what it runs
@@ -111,11 +113,12 @@ def export(model: nn.Module, example_input: torch.Tensor, path: str | os.PathLik
     try:
         graph = capture(model, calibration.float())
         calibration_ranges_are_finite(graph)
+        numerics_note = None
         if numerics == "fast" and any(op.kind == "sign" for op in graph.ops):
             # fast numerics requantizes residual streams to uint8; a value within half a step of
             # zero would then binarize to +1 where PyTorch gives -1, and binary nets amplify that
             numerics = "faithful"
-            graph.notes.append("binary layers: faithful numerics (exact signs) instead of fast")
+            numerics_note = "--numerics fast asked; binary layers need exact signs, so faithful was used"
         prepare_graph(graph)
         onnx_model = OnnxBuilder(graph, weight_storage, opset, numerics).build()
         try:
@@ -148,5 +151,6 @@ def export(model: nn.Module, example_input: torch.Tensor, path: str | os.PathLik
             tmp.write_bytes(data)
     except OSError as exc:
         raise QtoolError(f"cannot write {path}: {exc.strerror or exc}") from None
-    return ExportResult(str(path), len(data), opset, weight_storage, quantized, len(weighted) - quantized, census,
+    return ExportResult(str(path), len(data), opset, weight_storage, numerics, numerics_note, quantized,
+                        len(weighted) - quantized, census,
                         sorted(set(graph.notes)), verification)

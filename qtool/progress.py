@@ -90,6 +90,7 @@ def print_export_summary(result, verify_domain: str | None) -> None:
     table.add_row("quantized layers", f"{result.quantized_layers} (float layers: {result.float_layers})")
     table.add_row("onnxruntime integer kernels", ops(integer_layers(result.ops)))
     table.add_row("onnxruntime float compute", ops(float_layers(result.ops)))
+    table.add_row("numerics", result.numerics + (f" ({result.numerics_note})" if result.numerics_note else ""))
     table.add_row("approximations", f"{len(result.notes)} tensors float in PyTorch, 8-bit in ONNX" if result.notes else "none")
     verification = result.verification
     if verification is not None:

@@ -345,8 +345,9 @@ def test_a_binary_layer_adapter_exports_to_integer_kernels(tmp_path, monkeypatch
     assert len(weights) == 1 and set(np.unique(weights[0])) == {127, 129}  # ±1 around ConvInteger's zero point 128
 
 
-def test_a_qtool_binary_network_exports_to_integer_kernels_with_exact_signs(tmp_path):
-    from qtool.quant.binary import binary_layers, prepare_binary
+def test_a_qtool_binary_network_exports_to_integer_kernels_with_exact_signs(tmp_path, capsys):
+    from qtool.quant.binarize import prepare_binary
+    from qtool.quant.binary import binary_layers
 
     torch.manual_seed(0)
     model = prepare_binary(build_model("resnet20", 10, 3))
@@ -359,7 +360,13 @@ def test_a_qtool_binary_network_exports_to_integer_kernels_with_exact_signs(tmp_
     convs = len(binary_layers(model))
     # every binary conv is a ConvInteger on {-1, +1} codes; fast numerics gives way to exact signs
     assert result.quantized_layers == convs == result.ops["ConvInteger"] and result.ops["Where"] == convs
-    assert any("faithful" in note for note in result.notes)
+    assert result.numerics == "faithful" and "binary layers need exact signs" in result.numerics_note
+    from qtool.progress import print_export_summary
+
+    print_export_summary(result, None)  # what `qtool export` prints: the switch is said, not silent
+    import re
+
+    assert "binary layers need exact signs" in re.sub(r"[│|\s]+", " ", capsys.readouterr().out)
     assert result.verification.agreement == 1.0 and result.verification.within_step == 1.0
     weights = [onnx.numpy_helper.to_array(t) for t in onnx.load(tmp_path / "binary.onnx").graph.initializer
                if t.data_type == onnx.TensorProto.UINT8 and len(t.dims) == 4]
