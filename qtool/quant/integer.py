@@ -13,6 +13,7 @@ integer kernel differs from float arithmetic, so the trained model rounds it the
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -84,16 +85,30 @@ def integer_layer(layer, input_step: torch.Tensor | None = None) -> IntegerLayer
     return IntegerLayer(codes.to(torch.int32), step, lo, hi, bias, bias_codes, unit)
 
 
-def deployed_output(layer, accumulator_float: torch.Tensor, input_step: torch.Tensor) -> torch.Tensor:
-    """What the integer kernel outputs, given ``conv(x_q, w_q)`` computed in float: the folded
-    factor, then the bias rounded to accumulator units (eval mode of a graph-prepared layer)."""
-    mul, bias = folded_affine(layer)
-    shape = (1, -1) + (1,) * (accumulator_float.dim() - 2)
-    y = accumulator_float if mul is None else accumulator_float * mul.to(accumulator_float).reshape(shape)
-    if bias is None:
-        return y
-    step = layer.weight_quantizer.scale.detach().abs().reshape(-1).double()
-    if mul is not None:
-        step = step * torch.where(mul == 0, 1.0, mul.abs())
-    codes, unit = integer_bias(bias, input_step, step.expand(bias.shape[0]))
-    return y + (codes.double() * unit.double()).to(y).reshape(shape)
+def deployed_output(layer, x: torch.Tensor, input_step: torch.Tensor,
+                    compute: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """What the integer kernel outputs for the quantized input ``x`` (eval mode of a graph-
+    prepared layer): integer codes summed exactly, then ``(sum + bias_code) * unit``. Inference
+    only: no gradient flows through it (training mode runs the float path).
+
+    ``compute(x, w)`` is the layer's conv/linear. The sums are exact because they add integers:
+    in float32 while no partial sum can pass 2**24, in float64 beyond. (Summing the float values
+    instead would round every partial sum, and in a 4-bit network each resulting flip at a
+    rounding boundary moves later layers by whole steps.)"""
+    if not bool(layer.weight_quantizer.initialized):  # a model evaluated before any training step
+        layer.weight_quantizer.initialize(layer.weight.detach())
+    view = integer_layer(layer, input_step)
+    unit = view.unit if view.unit is not None else (
+        input_step.detach().abs().float().reshape(()) * view.weight_step.float())
+    codes = torch.round(x.detach() / input_step.detach().abs().reshape(()))
+    bound = float(codes.abs().amax()) * float(view.codes.abs().amax()) * view.codes[0].numel()
+    exact = torch.float32 if bound + (0 if view.bias_codes is None else float(view.bias_codes.abs().amax())) < 2**24 \
+        else torch.float64
+    accumulator = compute(codes.to(exact), view.codes.to(exact))
+    shape = (1, -1) + (1,) * (accumulator.dim() - 2)
+    if view.bias_codes is not None:
+        accumulator = accumulator + view.bias_codes.to(exact).reshape(shape)
+    y = accumulator * unit.to(exact).reshape(shape)
+    if view.bias is not None and view.bias_codes is None:  # unreachable with an input step; kept total
+        y = y + view.bias.to(exact).reshape(shape)
+    return y.to(x.dtype)

@@ -71,10 +71,10 @@ class QuantConv2d(QuantizedLayer, nn.Conv2d):
         self._attach_quantizers(bits, act_bits, self.out_channels, narrow)
 
     def forward(self, x: torch.Tensor, input_step: torch.Tensor | None = None) -> torch.Tensor:
-        x, weight = self.quantized_input(x), self.quantized_weight()
+        x = self.quantized_input(x)
         if self.deploys(input_step):
-            return deployed_output(self, self._conv_forward(x, weight, None), input_step)
-        return self._float_output(self._conv_forward(x, weight, self.bias))
+            return deployed_output(self, x, input_step, lambda codes, w: self._conv_forward(codes, w, None))
+        return self._float_output(self._conv_forward(x, self.quantized_weight(), self.bias))
 
     @classmethod
     def from_float(cls, conv: nn.Conv2d, bits: int, act_bits: int | None, narrow: bool = True) -> "QuantConv2d":
@@ -96,10 +96,10 @@ class QuantLinear(QuantizedLayer, nn.Linear):
         self._attach_quantizers(bits, act_bits, self.out_features, narrow)
 
     def forward(self, x: torch.Tensor, input_step: torch.Tensor | None = None) -> torch.Tensor:
-        x, weight = self.quantized_input(x), self.quantized_weight()
+        x = self.quantized_input(x)
         if self.deploys(input_step):
-            return deployed_output(self, F.linear(x, weight), input_step)
-        return self._float_output(F.linear(x, weight, self.bias))
+            return deployed_output(self, x, input_step, F.linear)
+        return self._float_output(F.linear(x, self.quantized_weight(), self.bias))
 
     @classmethod
     def from_float(cls, linear: nn.Linear, bits: int, act_bits: int | None, narrow: bool = True) -> "QuantLinear":
