@@ -105,7 +105,9 @@ def steptime(args) -> None:
     import torch.nn.functional as F
 
     from qtool.models import build_model
-    from qtool.quant.binary import binary_layers, prepare_binary
+    from qtool.quant.binarize import prepare_binary
+    from qtool.quant.binary import binary_layers
+    from qtool.timing import interleaved_ms, medians
     from qtool.train.optim import build_optimizer
 
     torch.set_num_threads(args.threads)
@@ -122,15 +124,9 @@ def steptime(args) -> None:
         optimizer = build_optimizer("plain", torch.optim.Adam(model.parameters(), lr=1e-4))
         loss_fn = lambda perturbed, model=model: (F.cross_entropy(logits := model(images), labels), logits)  # noqa: E731
         steps[name] = lambda optimizer=optimizer, loss_fn=loss_fn: optimizer.step(loss_fn)
-    times = {name: [] for name in models}
-    for repeat in range(args.repeats + 2):  # two warm-up rounds
-        for name, step in steps.items():
-            start = time.perf_counter()
-            step()
-            if repeat >= 2:
-                times[name].append(time.perf_counter() - start)
+    median_ms = medians(interleaved_ms(steps, args.repeats, warmup=2))
     result = {"threads": args.threads, "batch": args.batch, "repeats": args.repeats,
-              "median_s": {name: statistics.median(values) for name, values in times.items()}}
+              "median_s": {name: ms / 1e3 for name, ms in median_ms.items()}}
     result["ratio_vs_fp32"] = {name: value / result["median_s"]["fp32"] for name, value in result["median_s"].items()}
     print(json.dumps(result, indent=2))
     if args.json:

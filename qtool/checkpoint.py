@@ -87,7 +87,12 @@ def model_from_checkpoint(payload: dict) -> nn.Module:
     """Rebuild the architecture, apply the stored quantization plan, load the weights."""
     model = build_model(payload["arch"], payload["num_classes"], payload["in_channels"])
     if payload.get("plan"):
-        model = apply_plan(model, payload["plan"])
+        try:
+            model = apply_plan(model, payload["plan"])
+        except (ValueError, KeyError, TypeError) as exc:  # a plan naming layers or kinds the model lacks
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise QtoolError(f"the checkpoint's quantization plan does not fit the {payload['arch']} "
+                             f"architecture: {first[:200]}") from None
         model.qtool_plan = payload["plan"]
     try:
         model.load_state_dict(payload["state_dict"])

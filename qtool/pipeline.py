@@ -54,7 +54,7 @@ def validate(options: QuantizeOptions) -> None:
     if options.bits == 1 and not method.binary:
         raise QtoolError(f"--bits 1 needs a binary estimator: --method {' or '.join(n for n in names if get_method(n).binary) or 'ste/reste'}")
     if options.bits == 1:
-        from qtool.quant.binary import check_binary_request
+        from qtool.quant.binarize import check_binary_request
 
         check_binary_request(options.model, method.options, options.method_options)
     if options.pretrain_method not in ("plain", "sam", "gsam", "sagm"):
@@ -306,7 +306,7 @@ def _quantized(model: nn.Module, options: QuantizeOptions, method, act_bits: int
     if options.bits == 32:
         return model
     if options.bits == 1:
-        from qtool.quant.binary import prepare_binary
+        from qtool.quant.binarize import prepare_binary
 
         return prepare_binary(model, **{**method.options, **options.method_options})
     return prepare(model, options.bits, act_bits, options.first_last_bits, inplace=True)

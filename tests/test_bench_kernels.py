@@ -11,7 +11,7 @@ import torch
 from qtool.checkpoint import save_checkpoint
 from qtool.lowbit import ops
 from qtool.models import build_model
-from qtool.quant.binary import prepare_binary
+from qtool.quant.binarize import prepare_binary
 from qtool.quant.prepare import prepare
 
 needs_kernels = pytest.mark.skipif(ops.backend() != "extension", reason="the kernel extension did not build here")

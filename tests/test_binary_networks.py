@@ -14,9 +14,10 @@ from qtool.checkpoint import load_model, save_checkpoint
 from qtool.data import Domain, Split
 from qtool.errors import QtoolError
 from qtool.models import build_model
-from qtool.quant import binary
-from qtool.quant.binary import (BinaryConv2d, BinaryEstimator, BiRealBlock, binary_layers, binary_sign,
-                                power_function, prepare_binary, reste_gradient)
+from qtool.quant.binarize import prepare_binary
+from qtool.quant.binary import BinaryConv2d, BinaryEstimator, BiRealBlock, ReLUBatchNorm2d, binary_layers
+from qtool.quant.binary_layouts import LAYOUTS, register_binary_layout
+from qtool.quant.sign_estimator import binary_sign, power_function
 from qtool.quant.layers import QuantConv2d, QuantLinear
 from qtool.train.binary import EstimatorSchedule, estimating_error, gradient_stability, o_schedule
 from qtool.train.trainer import TrainConfig, Trainer
@@ -66,19 +67,6 @@ def test_sign_maps_zero_to_plus_one_in_the_forward_of_every_path():
     assert torch.equal(binary_sign(z), expected)  # inference path
     assert torch.equal(BinaryEstimator("reste")(z.clone().requires_grad_()), expected)  # training (fused) path
     assert torch.equal(BinaryEstimator("ste")(z.double().requires_grad_()), expected.double())  # float64 reference
-
-
-@pytest.mark.skipif(binary._fused() is None, reason="C++ extension not available")
-@pytest.mark.parametrize("o,t", [(1.0, 1.0), (1.0, 1.5), (1.7, 1.5), (3.0, 1.5), (3.0, 0.9)])
-def test_fused_kernel_matches_the_reference(o, t):
-    generator = torch.Generator().manual_seed(0)
-    z = (torch.randn(8, 6, 5, 5, generator=generator) * 1.2).contiguous(memory_format=torch.channels_last)
-    z[0, 0, 0, :3] = torch.tensor([0.0, M, t])  # boundaries
-    grad = torch.randn(8, 6, 5, 5, generator=generator)  # contiguous: the kernel must match z's layout itself
-    fused = binary._fused()
-    assert torch.equal(fused.sign_forward(z), binary_sign(z))
-    torch.testing.assert_close(fused.sign_backward(grad, z, o, t, M), grad * reste_gradient(z, o, t, M),
-                               rtol=1e-5, atol=1e-6)
 
 
 # -- the binary conv ----------------------------------------------------------------------------
@@ -156,6 +144,30 @@ def test_binary_options_are_checked_with_one_line_errors():
         prepare_binary(model, m=2.0)
     with pytest.raises(QtoolError, match="supports"):
         prepare_binary(build_model("mobilenetv2"))
+
+
+class SignedNet(torch.nn.Module):
+    """A family the zoo does not have: conv -> ReLU -> BN blocks, rewired by its own layout."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.relu, self.bn = torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.BatchNorm2d(8)
+        self.body, self.head = torch.nn.Conv2d(8, 8, 3, padding=1), torch.nn.Linear(8, 10)
+
+    def forward(self, x):
+        return self.head(self.body(self.bn(self.relu(self.stem(x)))).mean((2, 3)))
+
+
+def test_a_registered_layout_makes_a_new_model_class_binarizable():
+    with pytest.raises(QtoolError, match="register_binary_layout"):
+        prepare_binary(SignedNet())
+    register_binary_layout(SignedNet)(lambda model: {"relu": {"kind": "identity"}, "bn": {"kind": "relu_bn"}})
+    try:
+        model = prepare_binary(SignedNet())
+    finally:
+        del LAYOUTS[SignedNet]
+    assert [name for name, _ in binary_layers(model)] == ["body"]  # the first conv stays float
+    assert isinstance(model.relu, torch.nn.Identity) and isinstance(model.bn, ReLUBatchNorm2d)
 
 
 @pytest.mark.parametrize("arch,options", [("resnet20", {}), ("vgg-small", {"scale": "channel", "keep_bits": 8})])

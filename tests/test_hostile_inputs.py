@@ -192,3 +192,19 @@ def test_read_only_output_folder(read_only_folder, tmp_path, cli):
         with atomic_path(read_only_folder / "report.json") as tmp:
             tmp.write_text("{}")
     assert list(read_only_folder.iterdir()) == []
+
+
+def test_bad_values_deep_in_the_library_are_one_line_errors(tmp_path, cli):
+    """Checks that live past ``validate`` (the sampler, the optimizer, the checkpoint's plan)
+    still give one ``error:`` line, not a traceback (``qtool.errors``: the rule)."""
+    data = write_tiny_npz(tmp_path / "tiny.npz")  # three domains, all sources
+    common = ("--data", data, "--no-cache", "--pretrain-epochs", "0.01", "--steps", "1", "--threads", "1")
+    assert "smaller than the number of source domains (3)" in _one_error(
+        cli("quantize", "resnet20", "--batch-size", 2, *common, "--out", tmp_path / "a"))
+    code, lines = cli("quantize", "resnet20", "--rho", -1, *common, "--out", tmp_path / "b")
+    assert code == 2 and lines[-1] == "error: --rho must be non-negative, got -1.0"  # after pre-training's bar
+    model = build_model("resnet20", 4, 1)
+    model.qtool_plan = {"layers.9.conv1": {"bits": 4, "act_bits": 4}}  # a layer resnet20 does not have
+    save_checkpoint(tmp_path / "plan.pt", model, "resnet20", 4, 1, 28, {})
+    assert _one_error(cli("eval", tmp_path / "plan.pt", "--data", data)).startswith(
+        "error: the checkpoint's quantization plan does not fit the resnet20 architecture: layer 'layers.9.conv1'")

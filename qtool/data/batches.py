@@ -15,12 +15,14 @@ import torch
 import torch.nn.functional as F
 
 from qtool.data import Domain, normalize
+from qtool.errors import InputError
 
 
 class DomainBatchSampler:
     def __init__(self, domains: dict[str, Domain], batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
         if batch_size < len(domains):
-            raise ValueError(f"batch size {batch_size} is smaller than the number of source domains ({len(domains)})")
+            raise InputError(f"--batch-size {batch_size} is smaller than the number of source domains "
+                             f"({len(domains)}): every step takes at least one image from each")
         self.domains = domains
         self.per_domain = batch_size // len(domains)
         self.rank, self.world_size = rank, world_size

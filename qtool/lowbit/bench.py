@@ -2,79 +2,40 @@
 
 The one place that times kernels. Method: same process, same thread count for both sides
 (``torch.set_num_threads`` governs torch's BLAS and our ``at::parallel_for`` alike), a
-correctness check before timing, warm-up, then the two sides timed alternately (so that a
-busy neighbour slows both) and the median of each. Memory-bound
+correctness check before timing, warm-up, then the two sides timed alternately
+(``qtool.timing``: a busy neighbour slows both) and the median of each. Memory-bound
 linears rotate over more distinct weight copies than the last-level cache holds (> 300 MB
 per side), so each call streams its weights from DRAM, as in a real model.
 
 Each row reports ours_ms, fp32_ms, speedup, the throughput (GOP/s, or G binary MAC/s for
-XNOR kernels), the effective bandwidth and a roofline fraction. The roofline's peaks and
-bandwidths were measured once, on the reference VM (``ROOFLINE_SOURCE``), not on the machine at
-hand: elsewhere the fraction only says how far a kernel is from what that VM could do.
+XNOR kernels), the effective bandwidth and a roofline fraction against the reference VM's
+peaks (``qtool.lowbit.roofline``). The end-to-end rows come from ``qtool.lowbit.bench_model``;
+tables and Markdown from ``qtool.lowbit.bench_cli``; ``benchmarks/bench_kernels.py`` is the
+script that writes ``docs/BENCHMARKS_kernels.json``.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import statistics
-import time
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from qtool.atomic import write_text_atomic
 from qtool.errors import QtoolError
-from qtool.lowbit import ops
+from qtool.lowbit import ops, roofline
+from qtool.lowbit.bench_model import bench_end_to_end
+from qtool.lowbit.roofline import ROTATE_BYTES
+from qtool.timing import interleaved_ms, medians
 
-# ---------------------------------------------------------------- roofline of the reference VM
-ROOFLINE_SOURCE = ("peaks and bandwidths measured on the reference VM (Intel Xeon, 2 vCPU, AVX-512 VNNI; "
-                   "../shared/docs/research/research-kernels.md §4.1), not on this machine")
-ROOFLINE_LABEL = "roofline (ref. VM)"
-# Per-core instruction-mix peaks, in G ops/s (binary: G binary MACs/s); bandwidths in GB/s for
-# 1 and 2 threads. Midpoints of the ranges measured on the reference VM.
-PEAK_PER_CORE = {
-    "fp32": 150.0,            # vfmadd231ps zmm: 140-163 GFLOP/s
-    "fp32_avx2": 70.0,        # vfmadd231ps ymm: 62-81
-    "int8_avx512": 617.0,     # vpdpbusd zmm: 605-630 GOPS
-    "int8_avx2": 133.0,       # vpmaddubsw + vpmaddwd + vpaddd: 123-143
-    "binary_avx512": 840.0,   # vpxorq + vpopcntq + vpaddq: 790-890 G binMAC/s
-    "binary_avx2": 220.0,     # xor + nibble-LUT vpshufb: 200-240
-    "binary_scalar": 150.0,   # popcnt r64: 145-160
-}
-DRAM_GBPS = {1: 13.3, 2: 24.2}   # 128 MiB - 2 GiB streaming reads
-CACHE_GBPS = {1: 24.0, 2: 44.0}  # 16 MiB working set (LLC)
-ROTATE_BYTES = 320 * 2**20       # more than the 300 MB L3 the reference VM reports
+WARMUP = 3
 
 
-def median_ms(fn: Callable[[], object], repeats: int = 20, warmup: int = 3) -> float:
-    """Median wall time of ``fn()`` in milliseconds."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
-
-
-def paired_median_ms(ours: Callable[[], object], fp32: Callable[[], object], repeats: int = 20,
-                     warmup: int = 3) -> tuple[float, float]:
-    """Medians of the two sides timed alternately (ours, fp32, ours, ...), so that both see the
-    same machine state: a busy neighbour slows both sides, not one."""
-    for _ in range(warmup):
-        ours()
-        fp32()
-    times: tuple[list[float], list[float]] = ([], [])
-    for _ in range(repeats):
-        for side, fn in enumerate((ours, fp32)):
-            start = time.perf_counter()
-            fn()
-            times[side].append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times[0]), statistics.median(times[1])
+def paired_ms(ours: Callable[[], object], fp32: Callable[[], object], repeats: int) -> tuple[float, float]:
+    """Medians of the two sides timed alternately after ``WARMUP`` rounds."""
+    times = medians(interleaved_ms({"ours": ours, "fp32": fp32}, repeats, WARMUP))
+    return times["ours"], times["fp32"]
 
 
 class Rotation:
@@ -90,23 +51,6 @@ class Rotation:
     def next(self):
         self.index = (self.index + 1) % len(self.copies)
         return self.copies[self.index]
-
-
-def _peak(kind: str, isa: str, threads: int) -> float:
-    key = {"binary": f"binary_{isa}", "int8": f"int8_{'avx512' if isa == 'avx512' else 'avx2'}",
-           "fp32": "fp32" if isa == "avx512" else "fp32_avx2"}[kind]
-    return PEAK_PER_CORE.get(key, PEAK_PER_CORE["fp32_avx2"]) * threads
-
-
-def _row(name, shape, ours, fp32, isa, threads, ops_count, bytes_moved, kind, rotated, unit="GOP/s", **extra):
-    achieved = ops_count / (ours * 1e-3) / 1e9
-    bandwidth = (DRAM_GBPS if rotated else CACHE_GBPS)[min(threads, 2)] * (threads / min(threads, 2))
-    roof = min(_peak(kind, isa, threads), ops_count / bytes_moved * bandwidth)
-    return {"name": name, "shape": list(shape), "ours_ms": round(ours, 4), "fp32_ms": round(fp32, 4),
-            "speedup": round(fp32 / ours, 2), "isa": isa, "threads": threads, "gops": round(achieved, 1),
-            "unit": unit, "gbps": round(bytes_moved / (ours * 1e-3) / 1e9, 2),
-            "roofline_fraction": round(achieved / roof, 3), "roof": f"{kind}/{'dram' if rotated else 'cache'}",
-            **extra}
 
 
 # ------------------------------------------------------------------------------- shapes
@@ -134,11 +78,12 @@ def bench_binary_gemm(M, K, N, threads, isa, repeats, fp32_input=False):
         ours_fn = lambda: torch.ops.qtool.binary_gemm(a_bits, w_bits, K, scale)  # noqa: E731
     expected = (torch.where(a >= 0, 1.0, -1.0) @ torch.where(w >= 0, 1.0, -1.0).T) * scale
     assert torch.equal(ours_fn(), expected), "binary_gemm disagrees with the reference"
-    ours, fp32 = paired_median_ms(ours_fn, lambda: torch.matmul(a, w_t), repeats)
+    ours, fp32 = paired_ms(ours_fn, lambda: torch.matmul(a, w_t), repeats)
     moved = M * K * (4 if fp32_input else 1 / 8) + N * -(-K // 64) * 8 + M * N * 4
     name = "binary_gemm_fp32_input" if fp32_input else "binary_gemm"
-    return _row(name, (M, K, N), ours, fp32, isa, threads, M * N * K, moved, "binary", False, unit="G binMAC/s",
-                activations="fp32, binarized and packed inside the timing" if fp32_input else "packed bits")
+    activations = "fp32, binarized and packed inside the timing" if fp32_input else "packed bits"
+    return roofline.row(name, (M, K, N), ours, fp32, isa, threads, M * N * K, moved, "binary", False,
+                        unit="G binMAC/s", activations=activations)
 
 
 def bench_binary_conv(N, C, H, W, O, kh, kw, threads, isa, repeats):
@@ -148,11 +93,12 @@ def bench_binary_conv(N, C, H, W, O, kh, kw, threads, isa, repeats):
     ours_fn = lambda: torch.ops.qtool.binary_conv2d(x, w_bits, C, [kh, kw], [1, 1], [1, 1], [1, 1], scale)  # noqa: E731
     signs = torch.where(weight >= 0, 1.0, -1.0)
     assert torch.equal(ours_fn(), F.conv2d(torch.where(x >= 0, 1.0, -1.0), signs, padding=1) * scale.view(1, -1, 1, 1))
-    ours, fp32 = paired_median_ms(ours_fn, lambda: F.conv2d(x, weight, padding=1), repeats)
+    ours, fp32 = paired_ms(ours_fn, lambda: F.conv2d(x, weight, padding=1), repeats)
     macs = N * H * W * O * C * kh * kw
     moved = x.numel() * 4 + O * -(-C * kh * kw // 64) * 8 + N * O * H * W * 4
-    return _row("binary_conv2d", (N, C, H, W, O, kh, kw), ours, fp32, isa, threads, macs, moved, "binary", False,
-                unit="G binMAC/s", note="input NCHW fp32, output channels-last; incl. binarizing the input")
+    note = "input NCHW fp32, output channels-last; incl. binarizing the input"
+    return roofline.row("binary_conv2d", (N, C, H, W, O, kh, kw), ours, fp32, isa, threads, macs, moved, "binary",
+                        False, unit="G binMAC/s", note=note)
 
 
 def bench_lowbit_linear(M, K, N, bits, int8, threads, isa, repeats, group_size=None):
@@ -180,11 +126,11 @@ def bench_lowbit_linear(M, K, N, bits, int8, threads, isa, repeats, group_size=N
 
     exact = torch.ops.qtool.lowbit_gemm(x, packed, scale, bits, K, group_size)
     torch.testing.assert_close(exact, x @ weights.T, rtol=1e-4, atol=1e-4 * float(exact.abs().max()))
-    ours, fp32 = paired_median_ms(ours_fn, fp32_fn, repeats)
+    ours, fp32 = paired_ms(ours_fn, fp32_fn, repeats)
     name = f"int{bits}_gemm" + ("_i8" if int8 else "") + (f"_g{group_size}" if group_size != K else "")
     moved = packed.numel() + scale.numel() * 4 + M * K * (5 if int8 else 4) + M * N * 4
-    return _row(name, (M, K, N), ours, fp32, isa, threads, 2 * M * N * K, moved, "int8" if int8 else "fp32",
-                True, activations="int8 (dynamic per row)" if int8 else "fp32")
+    return roofline.row(name, (M, K, N), ours, fp32, isa, threads, 2 * M * N * K, moved, "int8" if int8 else "fp32",
+                        True, activations="int8 (dynamic per row)" if int8 else "fp32")
 
 
 # fp32 as an AVX2-only machine runs it: MKL and oneDNN limited to AVX2, in a child process
@@ -193,8 +139,9 @@ AVX2_ENV = {"MKL_ENABLE_INSTRUCTIONS": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2", "AT
 _AVX2_CHILD = """
 import json, sys, torch
 import torch.nn.functional as F
-from qtool.lowbit.bench import median_ms
+from qtool.timing import interleaved_ms, medians
 cases, threads, repeats = json.loads(sys.argv[1])
+median_ms = lambda fn: medians(interleaved_ms({"fp32": fn}, repeats, 3))["fp32"]
 torch.set_num_threads(threads)
 out = []
 for kind, shape in cases:
@@ -202,11 +149,11 @@ for kind, shape in cases:
     if kind == "gemm":
         M, K, N = shape
         a, w_t = torch.randn(M, K, generator=g), torch.randn(K, N, generator=g)
-        out.append(median_ms(lambda: torch.matmul(a, w_t), repeats))
+        out.append(median_ms(lambda: torch.matmul(a, w_t)))
     else:
         n, c, h, w, o, kh, kw = shape
         x, weight = torch.randn(n, c, h, w, generator=g), torch.randn(o, c, kh, kw, generator=g)
-        out.append(median_ms(lambda: F.conv2d(x, weight, padding=1), repeats))
+        out.append(median_ms(lambda: F.conv2d(x, weight, padding=1)))
 print(json.dumps(out))
 """
 
@@ -224,55 +171,6 @@ def avx2_fp32_ms(cases: list[tuple[str, list[int]]], threads: int, repeats: int)
     if result.returncode != 0:
         return [None] * len(cases)
     return json.loads(result.stdout.strip().splitlines()[-1])
-
-
-# ---------------------------------------------------------------------------- end to end
-def binary_resnet20(num_classes: int = 10) -> nn.Module:
-    """ResNet-20 (CIFAR, 16/32/64 channels) whose 3x3 block convs are binary; the stem, the
-    1x1 shortcuts and the classifier stay fp32, as in XNOR-Net/Bi-Real designs."""
-    from qtool.lowbit.runtime import ReferenceBinaryConv2d
-
-    class Block(nn.Module):
-        def __init__(self, cin, cout, stride):
-            super().__init__()
-            self.conv1 = ReferenceBinaryConv2d(cin, cout, 3, stride, 1, bias=False)
-            self.bn1 = nn.BatchNorm2d(cout)
-            self.conv2 = ReferenceBinaryConv2d(cout, cout, 3, 1, 1, bias=False)
-            self.bn2 = nn.BatchNorm2d(cout)
-            self.shortcut = nn.Sequential()
-            if stride != 1 or cin != cout:
-                self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
-
-        def forward(self, x):
-            out = torch.relu(self.bn1(self.conv1(x)))
-            return torch.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
-
-    layers, cin = [nn.Conv2d(3, 16, 3, 1, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU()], 16
-    for stage, cout in enumerate((16, 32, 64)):
-        for block in range(3):
-            layers.append(Block(cin, cout, 2 if stage and not block else 1))
-            cin = cout
-    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, num_classes)]
-    model = nn.Sequential(*layers)
-    torch.manual_seed(0)
-    for m in model.modules():  # non-trivial BN statistics, so the test of equality means something
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.uniform_(-0.5, 0.5)
-            m.running_var.uniform_(0.5, 2.0)
-    return model.eval()
-
-
-def bench_end_to_end(batch, threads, isa, repeats):
-    from qtool.lowbit.runtime import bench_checkpoint_model
-
-    x = torch.randn(batch, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-    result = bench_checkpoint_model(binary_resnet20(), x, threads=[threads], repeats=repeats)
-    r = result["results"][0]
-    return {"name": "binary_resnet20_e2e", "shape": list(x.shape), "ours_ms": round(r["kernels_ms"], 4),
-            "fp32_ms": round(r["fp32_ms"], 4), "speedup": round(r["speedup"], 2), "isa": isa, "threads": threads,
-            "fake_quant_ms": round(r["fake_quant_ms"], 4), "max_abs_diff": result["max_abs_diff"],
-            "top1_agreement": result["top1_agreement"], "converted_layers": len(result["converted"]),
-            "note": "fp32_ms: the same network with float weights and no sign (plain fp32 ResNet-20)"}
 
 
 # ----------------------------------------------------------------------------------- driver
@@ -335,59 +233,10 @@ def run_kernel_benchmarks(threads: list[int], quick: bool, json_path: str | None
         torch.set_num_threads(previous_threads)
         ops.set_isa(previous_isa)
     result = {"kernels": rows, "machine": {"torch": torch.__version__, "supported_isas": ops.supported_isas(),
-                                           "roofline": {"measured_on": ROOFLINE_SOURCE, "peak_per_core": PEAK_PER_CORE,
-                                                        "dram_gbps": DRAM_GBPS, "cache_gbps": CACHE_GBPS}},
+                                           "roofline": roofline.machine()},
               "method": "medians of alternating runs (ours, fp32, ...) after warm-up, same process and threads; "
                         "linears rotate "
                         f"weights over > {ROTATE_BYTES >> 20} MiB"}
     if json_path:
         write_text_atomic(json_path, json.dumps(result, indent=1))
     return result
-
-
-def format_row(row: dict) -> str:
-    text = (f"{row['name']:<24} {str(row['shape']):<28} t={row['threads']} {row['isa']:<7} "
-            f"ours {row['ours_ms']:9.3f} ms  fp32 {row['fp32_ms']:9.3f} ms  x{row['speedup']:<6} ")
-    if "gops" in row:
-        text += f"{row['gops']:8.1f} {row['unit']:<10} {row['gbps']:7.2f} GB/s  "
-        text += f"{ROOFLINE_LABEL} {row['roofline_fraction']:.2f}"
-    else:
-        text += f"max|diff| {row['max_abs_diff']:.2e}  top-1 agree {row['top1_agreement']}"
-    if "speedup_vs_avx2_fp32" in row:
-        text += f"  (fp32 on AVX2 {row['fp32_avx2_ms']:.3f} ms: x{row['speedup_vs_avx2_fp32']})"
-    return text
-
-
-def markdown_table(result: dict) -> str:
-    """The rows of a ``run_kernel_benchmarks`` result as a Markdown table."""
-    lines = [f"| kernel | shape | threads | ISA | ours ms | fp32 ms | speedup | throughput | GB/s | {ROOFLINE_LABEL} | "
-             "fp32 on AVX2 only |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in result["kernels"]:
-        if "gops" in r:
-            throughput, gbps, roof = f"{r['gops']} {r['unit']}", f"{r['gbps']}", f"{r['roofline_fraction']:.2f}"
-        else:
-            throughput, gbps, roof = f"max diff {r['max_abs_diff']:.1e}", "", ""
-        avx2 = f"{r['fp32_avx2_ms']} ms (x{r['speedup_vs_avx2_fp32']})" if "fp32_avx2_ms" in r else ""
-        lines.append(f"| {r['name']} | {r['shape']} | {r['threads']} | {r['isa']} | {r['ours_ms']} | {r['fp32_ms']} | "
-                     f"**{r['speedup']}x** | {throughput} | {gbps} | {roof} | {avx2} |")
-    return "\n".join(lines + ["", f"{ROOFLINE_LABEL}: {ROOFLINE_SOURCE}."])
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Benchmark the qtool low-bit kernels against fp32 PyTorch.")
-    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
-    parser.add_argument("--quick", action="store_true", help="a few representative shapes (well under a minute)")
-    parser.add_argument("--json", dest="json_path", help="write the results as JSON")
-    parser.add_argument("--markdown", metavar="JSON", help="print the rows of an earlier --json run as a table")
-    args = parser.parse_args(argv)
-    if args.markdown:
-        with open(args.markdown) as f:
-            print(markdown_table(json.load(f)))
-        return
-    print(f"backend {ops.backend()}, ISAs {ops.supported_isas()}, torch {torch.__version__}")
-    run_kernel_benchmarks(args.threads, args.quick, args.json_path, progress=lambda r: print(format_row(r), flush=True))
-
-
-if __name__ == "__main__":
-    main()

@@ -1,8 +1,9 @@
 """The torch half of ``qtool bench``: ``--kernels`` (the kernel suite on real layer shapes) and
-``CKPT.pt --backend kernels`` (a trained qtool model on the kernels against fp32 PyTorch).
+``CKPT.pt --backend kernels`` (a trained qtool model on the kernels against fp32 PyTorch), and
+the suite's rows as text lines and Markdown (``benchmarks/bench_kernels.py``).
 
 Kept apart from ``qtool.bench`` so that the edge install (onnxruntime, no torch) never imports
-torch. Both return the JSON document and print a table.
+torch. Both commands return the JSON document and print a table.
 """
 
 from __future__ import annotations
@@ -13,8 +14,9 @@ from rich.table import Table
 
 from qtool.checkpoint import load_model
 from qtool.errors import QtoolError
-from qtool.lowbit.bench import ROOFLINE_LABEL, ROOFLINE_SOURCE, run_kernel_benchmarks
-from qtool.lowbit.runtime import bench_checkpoint_model
+from qtool.lowbit.bench import run_kernel_benchmarks
+from qtool.lowbit.bench_model import bench_checkpoint_model
+from qtool.lowbit.roofline import ROOFLINE_LABEL, ROOFLINE_SOURCE
 
 
 def kernel_suite(threads: int, quick: bool, console: Console | None = None) -> dict:
@@ -57,3 +59,32 @@ def checkpoint_on_kernels(path: str, threads: int, batch: int, repeats: int, con
                   f"max |kernels - trained| = {result['max_abs_diff']:.2e}"
                   + (f", top-1 agreement {agreement:.1%}" if agreement is not None else ""), soft_wrap=True)
     return result
+
+
+def format_row(row: dict) -> str:
+    text = (f"{row['name']:<24} {str(row['shape']):<28} t={row['threads']} {row['isa']:<7} "
+            f"ours {row['ours_ms']:9.3f} ms  fp32 {row['fp32_ms']:9.3f} ms  x{row['speedup']:<6} ")
+    if "gops" in row:
+        text += f"{row['gops']:8.1f} {row['unit']:<10} {row['gbps']:7.2f} GB/s  "
+        text += f"{ROOFLINE_LABEL} {row['roofline_fraction']:.2f}"
+    else:
+        text += f"max|diff| {row['max_abs_diff']:.2e}  top-1 agree {row['top1_agreement']}"
+    if "speedup_vs_avx2_fp32" in row:
+        text += f"  (fp32 on AVX2 {row['fp32_avx2_ms']:.3f} ms: x{row['speedup_vs_avx2_fp32']})"
+    return text
+
+
+def markdown_table(result: dict) -> str:
+    """The rows of a ``run_kernel_benchmarks`` result as a Markdown table."""
+    lines = [f"| kernel | shape | threads | ISA | ours ms | fp32 ms | speedup | throughput | GB/s | {ROOFLINE_LABEL} | "
+             "fp32 on AVX2 only |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in result["kernels"]:
+        if "gops" in r:
+            throughput, gbps, roof = f"{r['gops']} {r['unit']}", f"{r['gbps']}", f"{r['roofline_fraction']:.2f}"
+        else:
+            throughput, gbps, roof = f"max diff {r['max_abs_diff']:.1e}", "", ""
+        avx2 = f"{r['fp32_avx2_ms']} ms (x{r['speedup_vs_avx2_fp32']})" if "fp32_avx2_ms" in r else ""
+        lines.append(f"| {r['name']} | {r['shape']} | {r['threads']} | {r['isa']} | {r['ours_ms']} | {r['fp32_ms']} | "
+                     f"**{r['speedup']}x** | {throughput} | {gbps} | {roof} | {avx2} |")
+    return "\n".join(lines + ["", f"{ROOFLINE_LABEL}: {ROOFLINE_SOURCE}."])

@@ -13,12 +13,13 @@
   returns a ``BinaryConvSpec`` / ``BinaryLinearSpec`` (weights whose signs are the binary
   weights, the output scale, bias and geometry), or None when it cannot run on the kernels.
   ``register_binary_adapter(cls, adapter)`` adds one; qtool's ``BinaryConv2d`` (``--bits 1``)
-  and ``ReferenceBinaryConv2d`` (the semantics, for tests) have theirs registered here.
+  has its own registered here.
 - every other module (8-bit first/last layers, BatchNorm, ReLU, pooling) stays as it is.
 
 ``dequantized(model)`` is the same network in plain fp32 (quantizers and sign functions
 removed, weights replaced by their dequantized values): the "fp32 model" the benchmarks
-compare against. ``bench_checkpoint_model`` serves ``qtool bench CKPT --backend kernels``.
+compare against. Conversion only: the benchmarks that time the result are
+``qtool.lowbit.bench_model`` (whole models) and ``qtool.lowbit.bench`` (single kernels).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
+from qtool.errors import InputError
 from qtool.lowbit import ops
 from qtool.quant.binary import BinaryConv2d
 from qtool.quant.integer import folded_affine, integer_layer
@@ -68,26 +70,6 @@ BINARY_ADAPTERS: dict[type, Adapter] = {}
 def register_binary_adapter(cls: type, adapter: Adapter) -> None:
     """Teach ``convert`` a binary layer class (exact class match, so subclasses opt in)."""
     BINARY_ADAPTERS[cls] = adapter
-
-
-class ReferenceBinaryConv2d(nn.Conv2d):
-    """The binary convolution the kernels implement: sign(x) and sign(W) with sign(0) = +1, one
-    scale per layer, mean |W| (XNOR-Net), zero padding of the binarized input as F.conv2d does.
-    Used by the tests and benchmarks until qtool's own binary layer has an adapter."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = torch.where(self.weight >= 0, 1.0, -1.0) * self.weight.abs().mean()
-        return F.conv2d(torch.where(x >= 0, 1.0, -1.0), w, self.bias, self.stride, self.padding, self.dilation)
-
-
-def _reference_binary_spec(m: ReferenceBinaryConv2d) -> BinaryConvSpec | None:
-    if m.groups != 1 or m.padding_mode != "zeros" or isinstance(m.padding, str):
-        return None
-    return BinaryConvSpec(m.weight.detach(), m.weight.detach().abs().mean().reshape(1), m.bias,
-                          m.stride, m.padding, m.dilation)
-
-
-register_binary_adapter(ReferenceBinaryConv2d, _reference_binary_spec)
 
 
 def _qtool_binary_spec(m: BinaryConv2d) -> BinaryConvSpec | None:
@@ -150,7 +132,7 @@ class _PackedLayer(nn.Module):
         super().__init__()
         wq, aq = layer.weight_quantizer, input_quantizer
         if not (bool(wq.initialized) and bool(aq.initialized)):
-            raise ValueError("the layer's quantizers are not initialised: run a batch through the model first")
+            raise InputError("the layer's quantizers are not initialised: run a batch through the model first")
         self.bits = bits
         graph_prepared = layer.input_quantizer is None
         view = integer_layer(layer, aq.scale if graph_prepared else None)
@@ -325,40 +307,5 @@ def _plain_like(module: nn.Module, weight: torch.Tensor, bias: torch.Tensor | No
     return plain.eval()
 
 
-# ------------------------------------------------------------------------------ benchmark
-@torch.no_grad()
-def bench_checkpoint_model(model: nn.Module, example_input: torch.Tensor, threads: int | list[int] = (1, 2),
-                           repeats: int = 20) -> dict:
-    """Latency of ``model`` on the kernels against the same network in fp32 (``dequantized``)
-    and as trained (fake quantization in PyTorch), plus how far the outputs drift."""
-    from qtool.lowbit.bench import median_ms, paired_median_ms
-
-    model = model.eval()
-    conversion = convert(model)
-    fp32 = dequantized(model)
-    reference_out, kernel_out = model(example_input), conversion.model(example_input)
-    drift = (kernel_out - reference_out).abs().max().item()
-    agreement = None
-    if reference_out.dim() == 2 and reference_out.shape[1] > 1:
-        agreement = (kernel_out.argmax(1) == reference_out.argmax(1)).float().mean().item()
-    rows = []
-    previous = torch.get_num_threads()
-    try:
-        for t in [threads] if isinstance(threads, int) else list(threads):
-            torch.set_num_threads(t)
-            # fp32 and the kernels alternate (same machine state); the fake-quant model is informative
-            times = {"fake_quant": median_ms(lambda: model(example_input), repeats)}
-            times["kernels"], times["fp32"] = paired_median_ms(lambda: conversion.model(example_input),
-                                                               lambda: fp32(example_input), repeats)
-            rows.append({"threads": t, "fp32_ms": times["fp32"], "fake_quant_ms": times["fake_quant"],
-                         "kernels_ms": times["kernels"], "speedup": times["fp32"] / times["kernels"]})
-    finally:
-        torch.set_num_threads(previous)
-    return {"backend": ops.backend(), "isa": ops.isa(), "input_shape": list(example_input.shape),
-            "converted": conversion.converted, "kept": conversion.kept, "max_abs_diff": drift,
-            "top1_agreement": agreement, "results": rows}
-
-
 __all__ = ["BinaryConvSpec", "BinaryLinearSpec", "Conversion", "KernelBinaryConv2d", "KernelBinaryLinear",
-           "PackedConv2d", "PackedLinear", "ReferenceBinaryConv2d", "bench_checkpoint_model",
-           "convert", "dequantized", "register_binary_adapter"]
+           "PackedConv2d", "PackedLinear", "convert", "dequantized", "register_binary_adapter"]

@@ -1,5 +1,7 @@
-"""Binary neural networks: sign binarizers with STE/ReSTE gradients, the binary conv layer, and
-``prepare_binary`` that turns a zoo model into a 1-bit network.
+"""Binary-network layers: ``BinaryEstimator`` (which gradient the sign gets), ``BinaryConv2d``,
+``ReLUBatchNorm2d`` and ``BiRealBlock``, and ``build_plan_entry``, which turns a plan entry with a
+``kind`` into one of them. Which layers a model gets, and the ``-O`` options, are planned in
+``qtool.quant.binarize``; the sign op and its estimator math are ``qtool.quant.sign_estimator``.
 
 Conventions shared with the kernels and the exporter (read them from ``BinaryConv2d``):
 
@@ -20,9 +22,6 @@ Estimator for Binary Neural Networks Training", ICCV 2023):
 
 from __future__ import annotations
 
-import copy
-import platform
-import sys
 from dataclasses import dataclass
 
 import torch
@@ -30,66 +29,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from qtool.errors import QtoolError
-from qtool.extensions import load_extension
-from qtool.quant.prepare import Plan, apply_plan, quantizable_layers
+from qtool.quant.sign_estimator import binary_sign, sign_with_estimator
 
 ESTIMATORS = ("ste", "reste")
-SOURCES = ("cpu/sign_estimator.cpp",)  # the fused estimator op, under kernels/
 STE_CLIP = 1.0
-_EXTENSION = "qtool_sign_estimator"
-
-
-def binary_sign(z: torch.Tensor) -> torch.Tensor:
-    """+1 where ``z >= 0`` (zero included), -1 elsewhere; same dtype and layout as ``z``."""
-    return torch.ones_like(z).masked_fill_(z < 0, -1.0)
-
-
-def power_function(z: torch.Tensor, o: float) -> torch.Tensor:
-    """ReSTE's equivalent forward ``sign(z) |z|^(1/o)`` (identity at ``o = 1``)."""
-    return binary_sign(z) * z.abs().pow(1.0 / o)
-
-
-def reste_gradient(z: torch.Tensor, o: float, t: float, m: float) -> torch.Tensor:
-    """d sign(z)/dz as ReSTE estimates it, element-wise (see the module docstring); the
-    reference for the fused kernel. ``o = 1, t = 1`` is the STE."""
-    magnitude = z.abs()
-    gradient = magnitude.clamp_min(m).pow_((1.0 - o) / o).div_(o)
-    gradient.masked_fill_(magnitude < m, m ** ((1.0 - o) / o))
-    return gradient.masked_fill_(magnitude > t, 0.0)
-
-
-def _fused():
-    # -ffast-math lets GCC call glibc's vector exp/log (libmvec) in ReSTE's power: a 15x faster
-    # backward than scalar calls. Elsewhere the kernel still builds, with scalar math.
-    libmvec = sys.platform.startswith("linux") and platform.machine() == "x86_64"
-    return load_extension(_EXTENSION, list(SOURCES), extra_cflags=["-O3", "-fopenmp-simd", "-ffast-math"],
-                          extra_ldflags=["-lmvec"] if libmvec else [])
-
-
-def _can_fuse(z: torch.Tensor) -> bool:
-    if z.device.type != "cpu" or z.dtype != torch.float32:
-        return False
-    dense = z.is_contiguous() or z.is_contiguous(memory_format=torch.channels_last)
-    return dense and _fused() is not None
-
-
-class _BinarySign(torch.autograd.Function):
-    """``binary_sign`` forward, ``reste_gradient`` backward; the fused C++ kernel when it loads.
-    Autograd alone would sweep the activation five or six times per step in the backward."""
-
-    @staticmethod
-    def forward(ctx, z, o: float, t: float, m: float):
-        ctx.save_for_backward(z)
-        ctx.params = (o, t, m)
-        ctx.fused = _can_fuse(z)
-        return _fused().sign_forward(z) if ctx.fused else binary_sign(z)
-
-    @staticmethod
-    def backward(ctx, grad):
-        (z,) = ctx.saved_tensors
-        if ctx.fused and grad.dtype == torch.float32:
-            return _fused().sign_backward(grad, z, *ctx.params), None, None, None
-        return grad * reste_gradient(z, *ctx.params), None, None, None
 
 
 @dataclass
@@ -113,8 +56,8 @@ class BinaryEstimator:
         if not (torch.is_grad_enabled() and z.requires_grad):
             return binary_sign(z)  # inference and export: plain torch ops that trace to ONNX
         if self.kind == "ste":  # ReSTE at o = 1 with the clip at 1 is exactly the STE
-            return _BinarySign.apply(z, 1.0, STE_CLIP, self.m)
-        return _BinarySign.apply(z, float(self.o), float(self.t), float(self.m))
+            return sign_with_estimator(z, 1.0, STE_CLIP, self.m)
+        return sign_with_estimator(z, self.o, self.t, self.m)
 
 
 class BinaryConv2d(nn.Conv2d):
@@ -220,7 +163,8 @@ class BiRealBlock(nn.Module):
 #   "bireal"  -> BiRealBlock       (a zoo ResNet BasicBlock)
 #   "relu_bn" -> ReLUBatchNorm2d   (a BatchNorm2d)
 #   "identity"-> nn.Identity       (a ReLU whose work moved into the following ReLUBatchNorm2d)
-# ``qtool.quant.prepare.apply_plan`` hands them to ``build_plan_entry``.
+# ``qtool.quant.prepare.apply_plan`` hands them to ``build_plan_entry``; ``qtool.quant.binarize``
+# plans them (the block rewiring per model class: ``qtool.quant.binary_layouts``).
 
 def build_plan_entry(layer: nn.Module, spec: dict) -> nn.Module:
     """The module that replaces ``layer`` for a plan entry with a ``kind`` (idempotent)."""
@@ -237,113 +181,6 @@ def build_plan_entry(layer: nn.Module, spec: dict) -> nn.Module:
     if kind == "identity":
         return nn.Identity()
     raise ValueError(f"unknown plan entry kind {kind!r}")
-
-
-@dataclass(frozen=True)
-class BinaryOptions:
-    """What ``-O KEY=VALUE`` can set for ``--bits 1`` (see ``binary_options``)."""
-
-    estimator: str = "reste"
-    o_end: float = 3.0
-    t: float = 1.5
-    m: float = 0.1
-    scale: str = "layer"
-    keep_bits: int = 32
-
-
-def binary_options(estimator: str = "reste", o_end: float | None = None, t: float | None = None,
-                   m: float | None = None, scale: str = "layer", keep_bits: int = 32, **unknown) -> BinaryOptions:
-    """Check a user's binary options, fill in defaults; a mistake is one ``QtoolError`` line.
-
-    ``o_end``, ``t``, ``m``: ReSTE's schedule end (3), clip (1.5) and secant width (0.1), which
-    the STE does not take; ``scale``: ``layer`` (ReSTE) or ``channel``; ``keep_bits``: 32 keeps
-    the first conv, the classifier and the 1x1 projections in float, 2-8 quantizes them with LSQ.
-    """
-    if unknown:
-        raise QtoolError(f"unknown binary option(s) {', '.join(sorted(unknown))}; "
-                         "known: o_end, t, m (ReSTE), scale (layer|channel), keep_bits (32|8|4|3|2)")
-    reste = {"o_end": o_end, "t": t, "m": m}
-    if estimator == "ste" and any(value is not None for value in reste.values()):
-        raise QtoolError("o_end, t and m tune ReSTE; --method ste clips at |z| <= 1 and takes none of them")
-    defaults = BinaryOptions()
-    reste = {key: float(getattr(defaults, key) if value is None else value) for key, value in reste.items()}
-    if reste["o_end"] < 1:
-        raise QtoolError(f"ReSTE's o_end must be at least 1, got {reste['o_end']}")
-    BinaryEstimator(estimator, t=reste["t"], m=reste["m"])  # checks the estimator, t and m
-    if scale not in ("layer", "channel"):
-        raise QtoolError(f"binary scale must be 'layer' or 'channel', got {scale!r}")
-    if keep_bits not in (2, 3, 4, 8, 32):
-        raise QtoolError(f"keep_bits must be 32 (float) or 2, 3, 4, 8 (LSQ), got {keep_bits}")
-    return BinaryOptions(estimator, scale=scale, keep_bits=keep_bits, **reste)
-
-
-# Zoo families whose layout ``_structure_plan`` knows how to make binarizable.
-BINARY_ZOO = ("resnet20", "resnet18", "vgg-small", "dg-cnn")
-
-
-def _structure_plan(model: nn.Module) -> tuple[Plan, list[str]]:
-    """The block rewiring that makes ``model`` binarizable, and the convs that stay non-binary
-    (the first conv and the 1x1 projections)."""
-    from qtool.models.dgcnn import DGCNN
-    from qtool.models.resnet import BasicBlock, ResNet
-    from qtool.models.vgg import VGGSmall
-
-    plan: Plan = {}
-    if isinstance(model, ResNet):
-        plan["relu"] = {"kind": "identity"}  # stem: conv -> ReLU -> BN, as in ReSTE
-        plan["bn1"] = {"kind": "relu_bn"}
-        for name, module in model.named_modules():
-            if isinstance(module, BasicBlock):
-                plan[name] = {"kind": "bireal"}
-    elif isinstance(model, VGGSmall):
-        modules = list(model.features.named_children())
-        for (bn_name, bn), (relu_name, relu) in zip(modules, modules[1:]):
-            if isinstance(bn, nn.BatchNorm2d) and isinstance(relu, nn.ReLU):
-                plan[f"features.{relu_name}"] = {"kind": "identity"}
-                plan[f"features.{bn_name}"] = {"kind": "relu_bn"}
-    elif not isinstance(model, DGCNN):  # DG-CNN is conv -> ReLU -> GroupNorm already
-        raise QtoolError(f"--bits 1 supports {', '.join(BINARY_ZOO)}, not {type(model).__name__}")
-    convs = [(name, m) for name, m in quantizable_layers(model) if isinstance(m, nn.Conv2d)]
-    kept = [convs[0][0]] + [name for name, m in convs[1:] if m.kernel_size == (1, 1)]
-    return plan, kept
-
-
-def binary_plan(model: nn.Module, options: BinaryOptions) -> Plan:
-    """Binarize every conv except the first and the 1x1 projections; keep those and the
-    classifier in float or LSQ (``keep_bits``); add the block rewiring."""
-    plan, kept = _structure_plan(model)
-    for name, layer in quantizable_layers(model):
-        if isinstance(layer, nn.Conv2d) and name not in kept:
-            plan[name] = {"kind": "binary", "bits": 1, "act_bits": 1, "scale": options.scale,
-                          "estimator": options.estimator, "t": options.t, "m": options.m}
-        elif options.keep_bits != 32:
-            plan[name] = {"bits": options.keep_bits, "act_bits": options.keep_bits}
-    return plan
-
-
-def check_binary_request(model: str, method_options: dict, user_options: dict) -> None:
-    """Fail fast (before data loading and pre-training) on a zoo model or an option that
-    ``--bits 1`` cannot take. ``model`` is a zoo name or a checkpoint path (checked later);
-    ``method_options`` are the method's own (its estimator), ``user_options`` the ``-O`` ones."""
-    from qtool.models import ZOO
-
-    if model in ZOO and model not in BINARY_ZOO:
-        raise QtoolError(f"--bits 1 supports {', '.join(BINARY_ZOO)}, not {model}")
-    chosen = method_options.get("estimator")
-    if "estimator" in user_options and user_options["estimator"] != chosen:
-        raise QtoolError(f"the method sets the estimator ({chosen}); choose another with --method, not -O estimator")
-    binary_options(**{**method_options, **user_options})
-
-
-def prepare_binary(model: nn.Module, inplace: bool = False, **options) -> nn.Module:
-    """Return ``model`` as a binary network (``qtool quantize --bits 1``); ``options`` are
-    ``binary_options``'. The plan is stored as ``model.qtool_plan`` for checkpoints."""
-    plan = binary_plan(model, binary_options(**options))
-    if not inplace:
-        model = copy.deepcopy(model)
-    apply_plan(model, plan)
-    model.qtool_plan = plan  # read by the checkpoint writer
-    return model
 
 
 def binary_layers(model: nn.Module) -> list[tuple[str, BinaryConv2d]]:

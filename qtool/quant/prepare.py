@@ -17,6 +17,7 @@ from typing import Iterable
 
 from torch import nn
 
+from qtool.quant.binary import build_plan_entry
 from qtool.quant.graph import GRAPH_KEY, GraphTraceError, edge_weight_bits, graph_plan, quantize_graph
 from qtool.quant.layers import QuantConv2d, QuantLinear, QuantizedLayer
 
@@ -70,8 +71,6 @@ def apply_plan(model: nn.Module, plan: Plan) -> nn.Module:
         if layer is None:
             raise ValueError(f"layer {name!r} of the quantization plan is not in the model")
         if "kind" in spec:
-            from qtool.quant.binary import build_plan_entry  # imported here: binary imports this module
-
             replacement = build_plan_entry(layer, spec)
             replacement.train(layer.training)
             _set_submodule(model, name, replacement)

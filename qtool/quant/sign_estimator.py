@@ -5,7 +5,8 @@ cannot be loaded. Both compute the same numbers (tests check it).
 
 Forward ``binary_sign``; backward ``reste_gradient`` (Wu et al., ICCV 2023): the derivative of
 ``f(z) = sign(z) |z|^(1/o)``, 0 beyond ``t`` and the secant slope below ``m``. ``o = 1, t = 1``
-is the STE. The layers and their estimator options live in ``qtool.quant.binary``.
+is the STE; ``power_function`` is that ``f``. The layers that use the op (and ``BinaryEstimator``,
+which holds ``o``, ``t`` and ``m``) live in ``qtool.quant.binary``.
 """
 
 from __future__ import annotations
@@ -30,6 +31,11 @@ def sign_with_estimator(z: torch.Tensor, o: float, t: float, m: float) -> torch.
 def binary_sign(z: torch.Tensor) -> torch.Tensor:
     """+1 where ``z >= 0`` (zero included), -1 elsewhere; same dtype and layout as ``z``."""
     return torch.ones_like(z).masked_fill_(z < 0, -1.0)
+
+
+def power_function(z: torch.Tensor, o: float) -> torch.Tensor:
+    """ReSTE's equivalent forward ``sign(z) |z|^(1/o)`` (identity at ``o = 1``)."""
+    return binary_sign(z) * z.abs().pow(1.0 / o)
 
 
 def reste_gradient(z: torch.Tensor, o: float, t: float, m: float) -> torch.Tensor:

@@ -23,7 +23,9 @@ import torch
 
 from qtool.errors import QtoolError
 from qtool.plots import Panel, write_panels
-from qtool.quant.binary import BinaryConv2d, binary_layers, binary_options, binary_sign, power_function
+from qtool.quant.binarize import binary_options
+from qtool.quant.binary import BinaryConv2d, binary_layers
+from qtool.quant.sign_estimator import binary_sign, power_function
 from qtool.train.methods import Method, register
 
 
@@ -49,7 +51,7 @@ class EstimatorSchedule:
 
     def __init__(self, layers: list[BinaryConv2d], estimator: str, o_end: float):
         if not layers:
-            raise QtoolError("the model has no binary layers; prepare it with qtool.quant.binary.prepare_binary")
+            raise QtoolError("the model has no binary layers; prepare it with qtool.quant.binarize.prepare_binary")
         self.layers = layers
         self.estimator = estimator
         self.o_end = o_end

@@ -19,6 +19,8 @@ from typing import Callable
 
 import torch
 
+from qtool.errors import InputError
+
 # loss_fn(perturbed) runs the forward pass and returns (loss, logits); the optimizer owns backward.
 LossFn = Callable[[bool], tuple[torch.Tensor, torch.Tensor]]
 
@@ -90,7 +92,7 @@ class TwoPassOptimizer(PlainStep):
     def __init__(self, base: torch.optim.Optimizer, rho: float = 0.05):
         super().__init__(base)
         if rho < 0:
-            raise ValueError(f"rho must be non-negative, got {rho}")
+            raise InputError(f"--rho must be non-negative, got {rho}")
         self.rho = rho
 
     def perturbation(self, grad: list[torch.Tensor]) -> list[torch.Tensor]:

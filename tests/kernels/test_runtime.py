@@ -8,6 +8,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from qtool.lowbit import runtime
+from qtool.lowbit.bench_model import bench_checkpoint_model
+from qtool.quant.binary import BinaryConv2d
 from qtool.quant.prepare import prepare
 
 
@@ -71,7 +73,7 @@ def binary_net() -> nn.Module:
     torch.manual_seed(1)
     return nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16),
                          LocalBinaryConv(16, 32, 3, padding=1), nn.BatchNorm2d(32),
-                         runtime.ReferenceBinaryConv2d(32, 32, 3, stride=2, padding=1, bias=True), nn.BatchNorm2d(32),
+                         BinaryConv2d(32, 32, 3, stride=2, padding=1, bias=True), nn.BatchNorm2d(32),
                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10)).eval()
 
 
@@ -104,7 +106,7 @@ def test_binary_linear_spec(qops):
 def test_dequantized_is_the_plain_fp32_network(qops):
     model, x = binary_net(), torch.randn(2, 3, 12, 12)
     plain = runtime.dequantized(model)
-    assert not any(isinstance(m, runtime.ReferenceBinaryConv2d) for m in plain.modules())
+    assert not any(isinstance(m, BinaryConv2d) for m in plain.modules())
     w = plain[4].weight
     assert torch.equal(w.abs(), torch.full_like(w, float(model[4].weight.detach().abs().mean())))
     with torch.no_grad():
@@ -113,7 +115,7 @@ def test_dequantized_is_the_plain_fp32_network(qops):
 
 
 def test_bench_checkpoint_model_reports_both_sides(qops):
-    result = runtime.bench_checkpoint_model(binary_net(), torch.randn(2, 3, 12, 12), threads=[1], repeats=2)
+    result = bench_checkpoint_model(binary_net(), torch.randn(2, 3, 12, 12), threads=[1], repeats=2)
     assert result["converted"] == {"4": "binary"} and result["max_abs_diff"] < 1e-3
     row = result["results"][0]
     assert row["threads"] == 1 and row["kernels_ms"] > 0 and row["fp32_ms"] > 0

@@ -63,13 +63,14 @@ def test_a_strided_input_is_quantized_like_its_contiguous_copy(qops):
     assert torch.equal(out, fake_quant.reference_forward(strided, scale, *grid)) and out.is_contiguous()
 
 
-def test_sign_kernel_equals_the_reference(qops):
+@pytest.mark.parametrize("o,t", [(1.0, 1.0), (1.0, 1.5), (1.7, 1.5), (3.0, 1.5), (3.0, 0.9)])
+def test_sign_kernel_equals_the_reference(qops, o, t):
     z = activations("channels_last").requires_grad_()
-    out = sign_estimator.sign_with_estimator(z, 3.0, 1.5, 0.1)
+    out = sign_estimator.sign_with_estimator(z, o, t, 0.1)
     grad = torch.randn(z.shape)  # contiguous: the kernel must match z's layout itself
     out.backward(grad)
     assert torch.equal(out, sign_estimator.binary_sign(z.detach()))
-    torch.testing.assert_close(z.grad, grad * sign_estimator.reste_gradient(z.detach(), 3.0, 1.5, 0.1),
+    torch.testing.assert_close(z.grad, grad * sign_estimator.reste_gradient(z.detach(), o, t, 0.1),
                                rtol=1e-5, atol=1e-6)  # libmvec's exp/log against torch.pow
 
 
