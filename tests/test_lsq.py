@@ -148,3 +148,13 @@ def test_reference_is_the_formula():
     x = torch.randn(4, 4)
     y = fake_quant.reference_forward(x, torch.tensor([0.5]), -8.0, 7.0, 1.0)
     assert torch.equal(y, torch.clamp(x / 0.5, -8, 7).round() * 0.5)
+
+
+def test_gradient_scale_n_counts_one_sample_for_any_activation_quantizer():
+    """An activation quantizer with a fixed sign (signed=False) used to count the whole batch
+    (a batch-size-dependent step-size learning rate); weights count their elements."""
+    for signed in (False, True, None):
+        q = LSQQuantizer(4, signed=signed)
+        assert q.elements_per_scale(torch.zeros(8, 3, 4, 4)) == q.elements_per_scale(torch.zeros(16, 3, 4, 4)) == 48
+    assert LSQQuantizer(4, signed=True, weight=True).elements_per_scale(torch.zeros(5, 3)) == 15
+    assert LSQQuantizer(4, signed=True, channels=5, weight=True).elements_per_scale(torch.zeros(5, 3)) == 3

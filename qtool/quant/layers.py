@@ -34,7 +34,7 @@ class QuantizedLayer:
     bn: nn.Module | None
 
     def _attach_quantizers(self, bits: int, act_bits: int | None, out_channels: int, narrow: bool) -> None:
-        self.weight_quantizer = LSQQuantizer(bits, signed=True, channels=out_channels, narrow=narrow)
+        self.weight_quantizer = LSQQuantizer(bits, signed=True, channels=out_channels, narrow=narrow, weight=True)
         self.input_quantizer = None if act_bits is None else LSQQuantizer(act_bits, signed=None)
         self.bn = None
 

@@ -40,6 +40,9 @@ class LSQQuantizer(nn.Module):
     The first batch also initialises the step size (``init``): ``"lsq"`` is the paper's
     ``2 mean|x| / sqrt(qmax)``; ``"mse"`` searches the step that minimises the quantization
     error of that batch, which matters at 2-4 bits where the LSQ rule clips too much or too little.
+    ``weight``: this quantizer holds a layer's weights (N of the gradient scale counts its
+    elements per channel); otherwise it quantizes activations, whose leading dimension is the
+    batch (N counts the features of one sample, so the step learns at a batch-size-free pace).
     """
 
     def __init__(
@@ -49,6 +52,7 @@ class LSQQuantizer(nn.Module):
         channels: int = 1,
         narrow: bool = False,
         init: str = "mse",
+        weight: bool = False,
     ):
         super().__init__()
         integer_range(bits, True)  # validates bits
@@ -58,6 +62,7 @@ class LSQQuantizer(nn.Module):
         self.narrow = narrow
         self.init = init
         self.per_channel = channels > 1
+        self.weight = weight
         self.scale = nn.Parameter(torch.ones(channels))
         # Buffers so that a saved checkpoint restores the decisions made on the first batch.
         self.register_buffer("initialized", torch.tensor(False))
@@ -82,12 +87,11 @@ class LSQQuantizer(nn.Module):
         return (-1,) + (1,) * (x.dim() - 1) if self.per_channel else ()
 
     def elements_per_scale(self, x: torch.Tensor) -> int:
-        """N in the LSQ gradient scale: weights per channel, or features per sample for activations."""
-        if self.per_channel:
-            return x[0].numel()
-        if self.sign_from_data and x.dim() > 1:  # activation: features of one sample
-            return x[0].numel()
-        return x.numel()
+        """N in the LSQ gradient scale: weights per channel (or all of them, per tensor), or the
+        features of one sample for activations."""
+        if self.weight:
+            return x[0].numel() if self.per_channel else x.numel()
+        return x[0].numel() if x.dim() > 1 else x.numel()
 
     # -- initialisation -----------------------------------------------------------------------
     @torch.no_grad()
