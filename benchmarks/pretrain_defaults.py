@@ -59,11 +59,13 @@ def run_variant(args, split, overrides: dict, horizon: str) -> dict:
     import torch
 
     from qtool.models import build_model
+    from qtool.options import default
     from qtool.train.trainer import TrainConfig, Trainer
 
     torch.manual_seed(args.seed)
     model = build_model(args.model, 10, 3)
-    config = TrainConfig(batch_size=args.batch_size, seed=args.seed, evals=1, epochs=args.horizon_epochs)
+    config = TrainConfig(batch_size=args.batch_size, seed=args.seed, evals=1, epochs=args.horizon_epochs,
+                         lr=default("pretrain_lr"))  # TrainConfig's defaults are QAT's
     config = replace(config, **overrides, steps=args.steps if horizon == "steps" else None)
     probe = Probe([round(args.steps * f) for f in (0.25, 0.5, 1.0)])
     trainer = Trainer(model, split, config, callbacks=[probe])

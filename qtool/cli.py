@@ -87,7 +87,7 @@ def cli():
 @click.option("--image-size", type=int, default=None, help="Resize images to this size (default: the data's size; 28 for rotated-digits).")
 @click.option("--holdout", type=float, default=default("holdout"), show_default=True, help="Fraction of each source domain held out for model selection.")
 @click.option("--evals", type=int, default=default("evals"), show_default=True, help="Model-selection evaluations over the run.")
-@click.option("--augment/--no-augment", default=True, show_default=True, help="Random small rotations, zooms and shifts.")
+@click.option("--augment/--no-augment", default=default("augment"), show_default=True, help="Random small rotations, zooms and shifts.")
 @click.option("--cache/--no-cache", "use_cache", default=True, show_default=True, help="Reuse cached full-precision pre-training.")
 @click.option("--cache-dir", type=click.Path(file_okay=False), default=None, help="Pre-training cache (default ~/.cache/qtool/pretrain).")
 @click.option("--option", "-O", multiple=True, metavar="KEY=VALUE",

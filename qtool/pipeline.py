@@ -29,6 +29,7 @@ from qtool.models import ZOO, build_model
 from qtool.options import VALID_BITS, QuantizeOptions
 from qtool.quant.prepare import prepare
 from qtool.train.methods import get_method, method_names
+from qtool.train.optim import check_optimizer
 from qtool.train.distributed import DEVICES, World, joined_world
 from qtool.train.resume import Checkpointing
 from qtool.train.convergence import RULE, convergence, write_curve_plot
@@ -51,14 +52,15 @@ def validate(options: QuantizeOptions) -> None:
         raise QtoolError(f"method {options.method!r} trains binary networks: use --bits 1")
     if method.check_options is not None:
         method.check_options({**method.options, **options.method_options})
+    elif options.method_options:
+        raise QtoolError(f"method {options.method} takes no -O options, got {', '.join(sorted(options.method_options))}")
     if options.bits == 1 and not method.binary:
         raise QtoolError(f"--bits 1 needs a binary estimator: --method {' or '.join(n for n in names if get_method(n).binary) or 'ste/reste'}")
     if options.bits == 1:
         from qtool.quant.binarize import check_binary_request
 
         check_binary_request(options.model, method.options, options.method_options)
-    if options.pretrain_method not in ("plain", "sam", "gsam", "sagm"):
-        raise QtoolError(f"--pretrain-method must be plain, sam, gsam or sagm, got {options.pretrain_method!r}")
+    check_optimizer(options.pretrain_method, "--pretrain-method")
     if options.first_last_bits not in (None, 2, 3, 4, 8):
         raise QtoolError(f"--first-last-bits must be 2, 3, 4, 8 or 0 (float), got {options.first_last_bits}")
     if options.epochs <= 0 and not options.steps:

@@ -136,7 +136,7 @@ def test_every_binary_conv_sees_signed_inputs(arch):
 
 def test_binary_options_are_checked_with_one_line_errors():
     model = build_model("resnet20")
-    with pytest.raises(QtoolError, match="unknown binary option"):
+    with pytest.raises(QtoolError, match="unknown reste option"):
         prepare_binary(model, o_ned=3)
     with pytest.raises(QtoolError, match="ste"):
         prepare_binary(model, estimator="ste", o_end=2)
@@ -273,7 +273,7 @@ def test_quantize_bits1_reste_end_to_end(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("args,message", [
-    (["resnet20", "--method", "reste", "-O", "bogus=1"], "unknown binary option"),
+    (["resnet20", "--method", "reste", "-O", "bogus=1"], "unknown reste option bogus"),
     (["resnet20", "--method", "ste", "-O", "o_end=2"], "takes none"),
     (["resnet20", "--method", "reste", "-O", "estimator=ste"], "choose another with --method"),
     (["mobilenetv2", "--method", "reste"], "--bits 1 supports"),

@@ -15,14 +15,20 @@ from torch import nn
 
 from qtool.errors import QtoolError
 from qtool.models import ZOO
-from qtool.quant.binary import BinaryEstimator
+from qtool.options import check_method_options
+from qtool.quant.binary import ESTIMATORS, BinaryEstimator
 from qtool.quant.binary_layouts import BINARY_ZOO, binary_layout
 from qtool.quant.prepare import Plan, apply_plan, quantizable_layers
 
 
 @dataclass(frozen=True)
 class BinaryOptions:
-    """What ``-O KEY=VALUE`` can set for ``--bits 1`` (see ``binary_options``)."""
+    """What ``-O KEY=VALUE`` can set for ``--bits 1`` (``ste``/``reste``), checked by ``from_options``.
+
+    ``o_end``, ``t``, ``m``: ReSTE's schedule end, clip and secant width, which the STE does not
+    take; ``scale``: ``layer`` (ReSTE) or ``channel``; ``keep_bits``: 32 keeps the first conv, the
+    classifier and the 1x1 projections in float, 2-8 quantizes them with LSQ.
+    """
 
     estimator: str = "reste"
     o_end: float = 3.0
@@ -31,31 +37,23 @@ class BinaryOptions:
     scale: str = "layer"
     keep_bits: int = 32
 
+    @classmethod
+    def from_options(cls, options: dict) -> "BinaryOptions":
+        """Check a user's binary options, fill in defaults; a mistake is one ``QtoolError`` line
+        (the same check as every method's, ``qtool.options.check_method_options``)."""
+        estimator = options.get("estimator", cls.estimator)
+        values = check_method_options(cls, options, estimator if estimator in ESTIMATORS else "binary", CHOICES)
+        reste = sorted({"o_end", "t", "m"} & set(values))
+        if values.get("estimator") == "ste" and reste:
+            raise QtoolError(f"{', '.join(reste)} tune ReSTE; --method ste clips at |z| <= 1 and takes none of them")
+        chosen = cls(**values)
+        if chosen.o_end < 1:
+            raise QtoolError(f"reste option o_end must be at least 1, got {chosen.o_end}")
+        BinaryEstimator(chosen.estimator, t=chosen.t, m=chosen.m)  # checks t and m
+        return chosen
 
-def binary_options(estimator: str = "reste", o_end: float | None = None, t: float | None = None,
-                   m: float | None = None, scale: str = "layer", keep_bits: int = 32, **unknown) -> BinaryOptions:
-    """Check a user's binary options, fill in defaults; a mistake is one ``QtoolError`` line.
 
-    ``o_end``, ``t``, ``m``: ReSTE's schedule end (3), clip (1.5) and secant width (0.1), which
-    the STE does not take; ``scale``: ``layer`` (ReSTE) or ``channel``; ``keep_bits``: 32 keeps
-    the first conv, the classifier and the 1x1 projections in float, 2-8 quantizes them with LSQ.
-    """
-    if unknown:
-        raise QtoolError(f"unknown binary option(s) {', '.join(sorted(unknown))}; "
-                         "known: o_end, t, m (ReSTE), scale (layer|channel), keep_bits (32|8|4|3|2)")
-    reste = {"o_end": o_end, "t": t, "m": m}
-    if estimator == "ste" and any(value is not None for value in reste.values()):
-        raise QtoolError("o_end, t and m tune ReSTE; --method ste clips at |z| <= 1 and takes none of them")
-    defaults = BinaryOptions()
-    reste = {key: float(getattr(defaults, key) if value is None else value) for key, value in reste.items()}
-    if reste["o_end"] < 1:
-        raise QtoolError(f"ReSTE's o_end must be at least 1, got {reste['o_end']}")
-    BinaryEstimator(estimator, t=reste["t"], m=reste["m"])  # checks the estimator, t and m
-    if scale not in ("layer", "channel"):
-        raise QtoolError(f"binary scale must be 'layer' or 'channel', got {scale!r}")
-    if keep_bits not in (2, 3, 4, 8, 32):
-        raise QtoolError(f"keep_bits must be 32 (float) or 2, 3, 4, 8 (LSQ), got {keep_bits}")
-    return BinaryOptions(estimator, scale=scale, keep_bits=keep_bits, **reste)
+CHOICES = {"estimator": ESTIMATORS, "scale": ("layer", "channel"), "keep_bits": (32, 8, 4, 3, 2)}
 
 
 def check_binary_request(model: str, method_options: dict, user_options: dict) -> None:
@@ -67,7 +65,7 @@ def check_binary_request(model: str, method_options: dict, user_options: dict) -
     chosen = method_options.get("estimator")
     if "estimator" in user_options and user_options["estimator"] != chosen:
         raise QtoolError(f"the method sets the estimator ({chosen}); choose another with --method, not -O estimator")
-    binary_options(**{**method_options, **user_options})
+    BinaryOptions.from_options({**method_options, **user_options})
 
 
 def binary_plan(model: nn.Module, options: BinaryOptions) -> Plan:
@@ -87,8 +85,8 @@ def binary_plan(model: nn.Module, options: BinaryOptions) -> Plan:
 
 def prepare_binary(model: nn.Module, inplace: bool = False, **options) -> nn.Module:
     """Return ``model`` as a binary network (``qtool quantize --bits 1``); ``options`` are
-    ``binary_options``'. The plan is stored as ``model.qtool_plan`` for checkpoints."""
-    plan = binary_plan(model, binary_options(**options))
+    ``BinaryOptions``'. The plan is stored as ``model.qtool_plan`` for checkpoints."""
+    plan = binary_plan(model, BinaryOptions.from_options(options))
     if not inplace:
         model = copy.deepcopy(model)
     apply_plan(model, plan)

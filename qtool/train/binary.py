@@ -23,7 +23,7 @@ import torch
 
 from qtool.errors import QtoolError
 from qtool.plots import Panel, write_panels
-from qtool.quant.binarize import binary_options
+from qtool.quant.binarize import BinaryOptions
 from qtool.quant.binary import BinaryConv2d, binary_layers
 from qtool.quant.sign_estimator import binary_sign, power_function
 from qtool.train.methods import Method, register
@@ -119,11 +119,11 @@ class EstimatorSchedule:
 
 def setup(model, trainer, options: dict) -> list:
     """``Method.setup``: the schedule/indicator callback over the model's binary layers."""
-    chosen = binary_options(**options)
+    chosen = BinaryOptions.from_options(options)
     return [EstimatorSchedule([layer for _, layer in binary_layers(model)], chosen.estimator, chosen.o_end)]
 
 
 register(Method("ste", "plain", "binary network, straight-through estimator (|z| <= 1)", binary=True,
-                setup=setup, options={"estimator": "ste"}))
+                setup=setup, options={"estimator": "ste"}, check_options=BinaryOptions.from_options))
 register(Method("reste", "plain", "binary network, ReSTE estimator with the cosine o schedule", binary=True,
-                setup=setup, options={"estimator": "reste"}))
+                setup=setup, options={"estimator": "reste"}, check_options=BinaryOptions.from_options))

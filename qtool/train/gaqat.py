@@ -31,12 +31,13 @@ The papers' method sections are not public; every reading that is not certain is
 from __future__ import annotations
 
 import statistics
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
 from qtool.errors import QtoolError
+from qtool.options import check_method_options
 from qtool.plots import Panel, write_heatmap, write_panels
 from qtool.quant.scales import ScaleParameter, scale_parameters
 from qtool.train.methods import Method, register
@@ -70,25 +71,7 @@ class GAQATConfig:
     def from_options(cls, options: dict) -> "GAQATConfig":
         """Validate ``-O KEY=VALUE`` options; a mistake is one QtoolError line. ``freeze=layer``
         fills the options it was not given from ``LAYER_DEFAULTS``."""
-        known = {f.name: f for f in fields(cls)}
-        unknown = sorted(set(options) - set(known))
-        if unknown:
-            raise QtoolError(f"unknown gaqat option {', '.join(unknown)}; valid options: {', '.join(known)}")
-        values = {}
-        for key, value in options.items():
-            default = known[key].default
-            if isinstance(default, bool):
-                if not isinstance(value, bool):
-                    raise QtoolError(f"gaqat option {key} must be true or false, got {value!r}")
-            elif isinstance(default, (int, float)):
-                if isinstance(value, bool) or not isinstance(value, (int, float)):
-                    raise QtoolError(f"gaqat option {key} must be a number, got {value!r}")
-                if isinstance(default, int) and value != int(value):
-                    raise QtoolError(f"gaqat option {key} must be a whole number, got {value!r}")
-                value = type(default)(value)
-            elif value not in CHOICES[key]:
-                raise QtoolError(f"gaqat option {key} must be one of {', '.join(CHOICES[key])}, got {value!r}")
-            values[key] = value
+        values = check_method_options(cls, options, "gaqat", CHOICES)
         if values.get("freeze") == "layer":
             window = values.get("window", cls.window)
             values = {**LAYER_DEFAULTS, "warmup": window, **values}

@@ -10,17 +10,21 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable
 
+from qtool.train.optim import check_optimizer
+
 # setup(model, trainer, options) -> list of callbacks; runs after the trainer (and so the
 # optimizer) exists, so it can attach hooks to the optimizer.
 Setup = Callable[..., list]
-# check_options(options) raises QtoolError for a bad -O KEY=VALUE before any training starts.
-CheckOptions = Callable[[dict], None]
+# check_options(options) returns the method's options dataclass, or raises one QtoolError line for
+# a bad -O KEY=VALUE (``qtool.options.check_method_options``) before any training starts. A method
+# without it takes no -O options.
+CheckOptions = Callable[[dict], object]
 
 
 @dataclass
 class Method:
     name: str
-    optimizer: str  # plain | sam | gsam | sagm
+    optimizer: str  # a name in qtool.train.optim.OPTIMIZERS
     summary: str
     binary: bool = False  # only valid with --bits 1
     setup: Setup | None = None
@@ -32,6 +36,7 @@ METHODS: dict[str, Method] = {}
 
 
 def register(method: Method) -> Method:
+    check_optimizer(method.optimizer)
     METHODS[method.name] = method
     return method
 

@@ -14,12 +14,16 @@ training loop calls ``optimizer.step(loss_fn)`` whatever the method.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
 from qtool.errors import InputError
+from qtool.options import default
+
+RHO = default("rho")  # the command line's --rho
 
 # loss_fn(perturbed) runs the forward pass and returns (loss, logits); the optimizer owns backward.
 LossFn = Callable[[bool], tuple[torch.Tensor, torch.Tensor]]
@@ -89,7 +93,7 @@ class PlainStep:
 class TwoPassOptimizer(PlainStep):
     """The shared SAM-family skeleton; subclasses define ``perturbation`` and ``combine``."""
 
-    def __init__(self, base: torch.optim.Optimizer, rho: float = 0.05):
+    def __init__(self, base: torch.optim.Optimizer, rho: float = RHO):
         super().__init__(base)
         if rho < 0:
             raise InputError(f"--rho must be non-negative, got {rho}")
@@ -140,7 +144,7 @@ class GSAM(SAM):
     """Zhuang et al. 2022: same ascent as SAM; step along g_p - alpha * (component of g orthogonal to g_p),
     which also shrinks the surrogate gap h = L(w + e) - L(w)."""
 
-    def __init__(self, base, rho: float = 0.05, alpha: float = 0.1):
+    def __init__(self, base, rho: float = RHO, alpha: float = 0.1):
         super().__init__(base, rho)
         self.alpha = alpha
 
@@ -154,7 +158,7 @@ class SAGM(TwoPassOptimizer):
     """Wang et al. 2023: e = (rho/||g|| - alpha) g; step along (g + g_p)/2, which matches the
     gradients of the clean and the perturbed loss."""
 
-    def __init__(self, base, rho: float = 0.05, alpha: float = 1e-3):
+    def __init__(self, base, rho: float = RHO, alpha: float = 1e-3):
         super().__init__(base, rho)
         self.alpha = alpha
 
@@ -166,14 +170,35 @@ class SAGM(TwoPassOptimizer):
         return [0.5 * (g + gp) for g, gp in zip(grad, perturbed)]
 
 
-def build_optimizer(name: str, base: torch.optim.Optimizer, rho: float = 0.05, alpha: float | None = None) -> PlainStep:
-    """``name`` is ``plain``, ``sam``, ``gsam`` or ``sagm``; ``alpha`` defaults per method."""
-    if name == "plain":
-        return PlainStep(base)
-    if name == "sam":
-        return SAM(base, rho)
-    if name == "gsam":
-        return GSAM(base, rho, 0.1 if alpha is None else alpha)
-    if name == "sagm":
-        return SAGM(base, rho, 1e-3 if alpha is None else alpha)
-    raise ValueError(f"unknown optimizer {name!r}")
+@dataclass(frozen=True)
+class OptimizerEntry:
+    """One optimizer family: its class and the hyper-parameters it takes, with their defaults."""
+
+    build: type[PlainStep]
+    defaults: dict
+
+
+def _entry(cls: type[PlainStep]) -> OptimizerEntry:
+    """The defaults are those of the class's signature (after the base optimizer): written once."""
+    parameters = list(inspect.signature(cls).parameters.values())[1:]
+    return OptimizerEntry(cls, {p.name: p.default for p in parameters})
+
+
+# Every optimizer name qtool takes (``--pretrain-method``, a method's ``optimizer``,
+# ``TrainConfig.optimizer``) is checked and built here.
+OPTIMIZERS: dict[str, OptimizerEntry] = {
+    "plain": _entry(PlainStep), "sam": _entry(SAM), "gsam": _entry(GSAM), "sagm": _entry(SAGM)}
+
+
+def check_optimizer(name: str, what: str = "optimizer") -> OptimizerEntry:
+    """The registry entry of ``name``; an unknown name is one error line (``what`` names the flag)."""
+    if name not in OPTIMIZERS:
+        raise InputError(f"unknown {what} {name!r}; choose from {', '.join(OPTIMIZERS)}")
+    return OPTIMIZERS[name]
+
+
+def build_optimizer(name: str, base: torch.optim.Optimizer, **hyper) -> PlainStep:
+    """The ``OPTIMIZERS`` entry ``name`` around ``base``; ``hyper`` (``rho``, ``alpha``) that are
+    None or that the family does not take are left to its defaults."""
+    entry = check_optimizer(name)
+    return entry.build(base, **{k: v for k, v in hyper.items() if v is not None and k in entry.defaults})

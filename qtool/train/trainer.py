@@ -24,6 +24,7 @@ from qtool.data import Split, normalize
 from qtool.data.batches import DigitAugment, DomainBatchSampler
 from qtool.errors import QtoolError
 from qtool.evaluate import source_validation_accuracy
+from qtool.options import default
 from qtool.train.distributed import World, replicas_agree
 from qtool.train.guard import check_step
 from qtool.train.optim import build_optimizer
@@ -33,18 +34,21 @@ from qtool.train.sync_batchnorm import global_batch_statistics
 
 @dataclass
 class TrainConfig:
-    epochs: float = 10.0
-    batch_size: int = 128
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    optimizer: str = "sagm"  # plain | sam | gsam | sagm
-    rho: float = 0.05
-    alpha: float | None = None
-    seed: int = 0
-    augment: bool = True
-    evals: int = 10  # model-selection checkpoints over the run
+    """One training phase. Its defaults are ``qtool quantize``'s QAT defaults (``qtool.options``),
+    so ``TrainConfig()`` trains as the command line does unless told otherwise."""
+
+    epochs: float = default("epochs")
+    batch_size: int = default("batch_size")
+    lr: float = default("lr")
+    weight_decay: float = default("weight_decay")
+    optimizer: str = "sagm"  # a name in qtool.train.optim.OPTIMIZERS: that of the default --method
+    rho: float = default("rho")
+    alpha: float | None = default("alpha")  # None: the optimizer's own default
+    seed: int = default("seed")
+    augment: bool = default("augment")
+    evals: int = default("evals")  # model-selection checkpoints over the run
     warmup_steps: int = 0
-    steps: int | None = None  # overrides epochs when given
+    steps: int | None = default("steps")  # overrides epochs when given
 
 
 class Callback(Protocol):
@@ -125,7 +129,7 @@ class Trainer:
         # The optimizer is built here, after quantizers were inserted, so step sizes train too.
         params = [p for p in model.parameters() if p.requires_grad]
         base = torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
-        self.optimizer = build_optimizer(config.optimizer, base, config.rho, config.alpha)
+        self.optimizer = build_optimizer(config.optimizer, base, rho=config.rho, alpha=config.alpha)
         self.schedule = torch.optim.lr_scheduler.LambdaLR(base, self._lr_factor)
         self.step = 0
         self.selection = Selection()
