@@ -173,7 +173,8 @@ class _PackedLayer(nn.Module):
 
 
 class PackedLinear(_PackedLayer):
-    def forward(self, x: torch.Tensor, input_step: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, input_step: torch.Tensor | None = None,
+                output_step: torch.Tensor | None = None, output_ready: torch.Tensor | None = None) -> torch.Tensor:
         rows = x.reshape(-1, x.shape[-1]).float()
         return self.matmul(rows).reshape(*x.shape[:-1], -1)
 
@@ -187,7 +188,8 @@ class PackedConv2d(_PackedLayer):
     def weight_rows(self, codes: torch.Tensor) -> torch.Tensor:
         return codes.permute(0, 2, 3, 1).reshape(codes.shape[0], -1)  # (kh, kw, C): channels-last patches
 
-    def forward(self, x: torch.Tensor, input_step: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, input_step: torch.Tensor | None = None,
+                output_step: torch.Tensor | None = None, output_ready: torch.Tensor | None = None) -> torch.Tensor:
         n, _, h, w = x.shape
         (kh, kw), (sh, sw), (ph, pw), (dh, dw) = self.kernel_size, self.stride, self.padding, self.dilation
         oh = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
@@ -268,7 +270,7 @@ def dequantized(model: nn.Module, float_weights: bool = False) -> nn.Module:
     if isinstance(model, fx.GraphModule):  # plain layers take no input step
         for node in model.graph.nodes:
             if node.op == "call_module" and "input_step" in node.kwargs:
-                node.kwargs = {k: v for k, v in node.kwargs.items() if k != "input_step"}
+                node.kwargs = {k: v for k, v in node.kwargs.items() if k not in ("input_step", "output_step", "output_ready")}
         model.graph.eliminate_dead_code()
         model.recompile()
     for name, module in list(model.named_modules()):

@@ -343,6 +343,34 @@ def _place_tensor_quantizers(module: fx.GraphModule, plan: dict[str, dict], defa
         end.replace_all_uses_with(quantizer, delete_user_cb=lambda user, q=quantizer: user is not q)
 
     _pass_input_steps(module, roles)
+    _pass_output_steps(module)
+
+
+def _pass_output_steps(module: fx.GraphModule) -> None:
+    """Give every quantized layer whose output goes (through clamps only) straight into a tensor
+    quantizer that quantizer's step (``output_step=``): in eval mode the layer then rounds to
+    its codes the way the integer kernel requantizes, with one float multiplier (once that
+    quantizer has initialised its step: ``output_ready``)."""
+    modules = dict(module.named_modules())
+    for node in list(module.graph.nodes):
+        if not (node.op == "call_module" and isinstance(modules[node.target], QuantizedLayer)
+                and "input_step" in node.kwargs):
+            continue
+        end = node
+        while len(end.users) == 1 and _is_clamp(next(iter(end.users)), modules):
+            end = next(iter(end.users))
+        users = list(end.users)
+        if len(users) == 1 and users[0].op == "call_module" and isinstance(modules[users[0].target], LSQQuantizer):
+            with module.graph.inserting_before(node):
+                step = module.graph.get_attr(f"{users[0].target}.scale")
+                ready = module.graph.get_attr(f"{users[0].target}.initialized")
+            node.kwargs = {**node.kwargs, "output_step": step, "output_ready": ready}
+
+
+def _is_clamp(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    if node.op == "call_module":
+        return isinstance(modules[node.target], _CLAMP_MODULES)
+    return node.op in ("call_function", "call_method") and node.target in _CLAMP_FUNCTIONS | _CLAMP_METHODS
 
 
 def _pass_input_steps(module: fx.GraphModule, roles: _Roles) -> None:

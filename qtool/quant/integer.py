@@ -86,7 +86,8 @@ def integer_layer(layer, input_step: torch.Tensor | None = None) -> IntegerLayer
 
 
 def deployed_output(layer, x: torch.Tensor, input_step: torch.Tensor,
-                    compute: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+                    compute: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+                    output_step: torch.Tensor | None = None) -> torch.Tensor:
     """What the integer kernel outputs for the quantized input ``x`` (eval mode of a graph-
     prepared layer): integer codes summed exactly, then ``(sum + bias_code) * unit``. Inference
     only: no gradient flows through it (training mode runs the float path).
@@ -108,7 +109,12 @@ def deployed_output(layer, x: torch.Tensor, input_step: torch.Tensor,
     shape = (1, -1) + (1,) * (accumulator.dim() - 2)
     if view.bias_codes is not None:
         accumulator = accumulator + view.bias_codes.to(exact).reshape(shape)
-    y = accumulator * unit.to(exact).reshape(shape)
-    if view.bias is not None and view.bias_codes is None:  # unreachable with an input step; kept total
-        y = y + view.bias.to(exact).reshape(shape)
-    return y.to(x.dtype)
+    total = accumulator.float()  # the kernel's int32 -> float32 conversion
+    if output_step is not None:
+        # Requantization as QLinearConv/QGemm do it: one float32 multiplier per channel,
+        # float32(unit / output step), rounded half to even; the tensor quantizer after this
+        # layer then finds its codes exactly (its clamp still applies).
+        out = output_step.detach().abs().float().reshape(())
+        multiplier = (unit.float() / out).reshape(shape)
+        return (torch.round(total * multiplier) * out).to(x.dtype)
+    return (total * unit.float().reshape(shape)).to(x.dtype)

@@ -56,6 +56,11 @@ class QuantizedLayer:
         """Eval mode with the input's step known: compute what the integer kernel computes."""
         return not self.training and input_step is not None
 
+    @staticmethod
+    def _ready(output_step: torch.Tensor | None, ready: torch.Tensor | None) -> torch.Tensor | None:
+        """The next quantizer's step, once it has one (a model evaluated before training has not)."""
+        return output_step if output_step is not None and ready is not None and bool(ready) else None
+
     def _float_output(self, y: torch.Tensor) -> torch.Tensor:
         return y if self.bn is None else self.bn(y)
 
@@ -70,10 +75,12 @@ class QuantConv2d(QuantizedLayer, nn.Conv2d):
         super().__init__(*args, **kwargs)
         self._attach_quantizers(bits, act_bits, self.out_channels, narrow)
 
-    def forward(self, x: torch.Tensor, input_step: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, input_step: torch.Tensor | None = None,
+                output_step: torch.Tensor | None = None, output_ready: torch.Tensor | None = None) -> torch.Tensor:
         x = self.quantized_input(x)
         if self.deploys(input_step):
-            return deployed_output(self, x, input_step, lambda codes, w: self._conv_forward(codes, w, None))
+            return deployed_output(self, x, input_step, lambda codes, w: self._conv_forward(codes, w, None),
+                                   self._ready(output_step, output_ready))
         return self._float_output(self._conv_forward(x, self.quantized_weight(), self.bias))
 
     @classmethod
@@ -95,10 +102,11 @@ class QuantLinear(QuantizedLayer, nn.Linear):
         super().__init__(*args, **kwargs)
         self._attach_quantizers(bits, act_bits, self.out_features, narrow)
 
-    def forward(self, x: torch.Tensor, input_step: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, input_step: torch.Tensor | None = None,
+                output_step: torch.Tensor | None = None, output_ready: torch.Tensor | None = None) -> torch.Tensor:
         x = self.quantized_input(x)
         if self.deploys(input_step):
-            return deployed_output(self, x, input_step, F.linear)
+            return deployed_output(self, x, input_step, F.linear, self._ready(output_step, output_ready))
         return self._float_output(F.linear(x, self.quantized_weight(), self.bias))
 
     @classmethod
