@@ -19,6 +19,12 @@ TORCH_LIBRARY(qtool, m) {
   m.def("lowbit_gemm_i8(Tensor xq, Tensor x_scale, Tensor w, Tensor scale, int bits, int K, int group_size) -> Tensor");
   m.def("binary_gemm(Tensor a, Tensor w, int K, Tensor? scale=None) -> Tensor");
   m.def("binary_conv2d(Tensor x, Tensor w, int in_channels, int[2] kernel_size, int[2] stride, int[2] padding, int[2] dilation, Tensor? scale=None) -> Tensor");
+  // Fused integer layers of a graph-prepared model (cpu/fused_layer.cpp; reference, fake kernels:
+  // qtool/lowbit/fused_reference.py): input codes -> GEMM -> bias, unit (or the requantization
+  // multiplier), clamp, requantization, optional residual add -> the next quantizer's codes (or
+  // float32 when out_step == 0).
+  m.def("fused_conv2d(Tensor x, Tensor w, Tensor bias, Tensor unit, Tensor? multiplier, int bits, int[2] kernel_size, int[2] stride, int[2] padding, int[2] dilation, float[] clamp, float out_step, int[] out_range, Tensor? residual, float residual_step, float[] add_clamp, float add_step, int[] add_range) -> Tensor");
+  m.def("fused_linear(Tensor x, Tensor w, Tensor bias, Tensor unit, Tensor? multiplier, int bits, float[] clamp, float out_step, int[] out_range, Tensor? residual, float residual_step, float[] add_clamp, float add_step, int[] add_range) -> Tensor");
   // Training ops: the forward takes every input its backward needs (register_autograd sees only
   // the forward's inputs), hence grad_factor and o, t, m, which the forward itself ignores.
   m.def("lsq_fake_quant(Tensor x, Tensor scale, float qmin, float qmax, float grad_factor) -> Tensor");

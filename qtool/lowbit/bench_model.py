@@ -13,7 +13,8 @@ import torch
 from torch import nn
 
 from qtool.lowbit import ops
-from qtool.lowbit.runtime import convert, dequantized
+from qtool.lowbit.fused import convert  # graph-prepared models: one fused integer op per layer
+from qtool.lowbit.runtime import dequantized
 from qtool.quant.binary import BinaryConv2d
 from qtool.timing import interleaved_ms, medians
 

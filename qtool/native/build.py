@@ -29,7 +29,8 @@ from pathlib import Path
 
 NAME = "qtool_kernels"
 FAMILIES = ("binary", "lowbit")
-GENERIC_SOURCES = ("registration.cpp", "cpu/ops_cpu.cpp", "cpu/dispatch.cpp", "cpu/layout.cpp", "cpu/im2col.cpp")
+GENERIC_SOURCES = ("registration.cpp", "cpu/ops_cpu.cpp", "cpu/dispatch.cpp", "cpu/layout.cpp", "cpu/im2col.cpp",
+                   "cpu/fused_layer.cpp")
 TRAINING_SOURCES = ("cpu/fake_quant.cpp", "cpu/sign_estimator.cpp")
 CUDA_SOURCES = ("cuda/kernels.cu", "cuda/ops_cuda.cpp")
 # torch adds -std=c++20. The last three change no result and let the `#pragma omp simd` loops

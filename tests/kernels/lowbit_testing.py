@@ -12,7 +12,7 @@ ISAS = ("avx512", "avx2", "scalar")
 
 def register_every_op_family():
     """Import the modules that register the qtool ops (``qtool.native.library.register``)."""
-    from qtool.lowbit import ops  # noqa: F401
+    from qtool.lowbit import fused_reference, ops  # noqa: F401
     from qtool.quant import fake_quant, sign_estimator  # noqa: F401
 
 

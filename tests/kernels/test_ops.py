@@ -9,6 +9,7 @@ import sys
 import pytest
 import torch
 
+from qtool.lowbit import fused_reference as fused_ref
 from qtool.lowbit import reference as ref
 from qtool.native import library
 
@@ -24,6 +25,10 @@ def sample_calls():
     conv_w = ref.pack_binary(torch.randn(8, 3 * 3 * 5, generator=g))
     activations = (torch.randn(4, 3, 5, 5, generator=g) * 2).contiguous(memory_format=torch.channels_last)
     step, grad = torch.rand(4, generator=g) * 0.2 + 0.05, torch.randn(4, 3, 5, 5, generator=g)
+    codes_x = torch.randint(0, 16, (2, 5, 6, 7), generator=g).to(torch.uint8)
+    lanes = fused_ref.lanes_weights(torch.randint(-7, 8, (6, 45), generator=g))
+    bias, unit = torch.randint(-99, 99, (6,), generator=g, dtype=torch.int32), torch.rand(6, generator=g) * 0.01
+    epilogue = ([0.0, float("inf")], 0.05, [0, 15])
     return {
         "pack_int4": (codes4,),
         "unpack_int4": (w4, 100),
@@ -37,6 +42,11 @@ def sample_calls():
         "binary_gemm": (bits_a, bits_w, 70, torch.rand(6, generator=g)),
         "binary_conv2d": (torch.randn(2, 5, 6, 7, generator=g), conv_w, 5, [3, 3], [2, 1], [1, 1], [1, 1],
                           torch.rand(8, generator=g)),
+        "fused_conv2d": (codes_x, lanes, bias, unit, unit / 0.05, 8, [3, 3], [2, 1], [1, 1], [1, 1], *epilogue,
+                         torch.randint(-8, 8, (2, 6, 3, 7), generator=g).to(torch.int8), 0.1, [0.0, float("inf")],
+                         0.07, [0, 15]),
+        "fused_linear": (xq, w4, torch.randint(-99, 99, (5,), generator=g, dtype=torch.int32),
+                         torch.rand(5, generator=g) * 0.01, None, 4, *epilogue, None, 0.0, [0.0, 0.0], 0.0, [0, 0]),
         "lsq_fake_quant": (activations, step, -7.0, 7.0, 0.01),
         "lsq_fake_quant_backward": (grad, activations, step, -7.0, 7.0, 0.01),
         "reste_sign": (activations, 3.0, 1.5, 0.1),
