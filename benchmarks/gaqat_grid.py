@@ -6,7 +6,7 @@ differences, and GAQAT's step-time overhead over SAGM.
     # 2. check that this checkout finds those starts (e.g. launched from a newer commit), then
     python benchmarks/gaqat_grid.py --check-starts --cache-dir runs/grid-cache
     # 3. the QAT grid from those starts (3 targets x 3 seeds; W4A4 and W3A3 x lsq/sagm/gaqat/gaqat-layer;
-    #    FP SAGM with the same steps), then the overhead measurement and the summary tables
+    #    FP SAGM with the same steps; paired GAQAT/SAGM runs first), then the overhead and the tables
     python benchmarks/gaqat_grid.py --cache-dir runs/grid-cache --workers 2
     # an ablation variant of GAQAT on the same grid (the other runs are reused)
     python benchmarks/gaqat_grid.py --cache-dir runs/grid-cache --methods gaqat \\
@@ -128,22 +128,31 @@ def variants(args) -> dict[str, list[str]]:
     return found
 
 
-def plan(args) -> tuple[list[Job], dict[tuple[str, int], list[Job]]]:
-    """The first job of each (target, seed) pre-trains; the rest wait for it."""
+def plan(args) -> list[Job]:
+    """Every job, most informative first, so that a grid stopped part-way (it takes days on two
+    cores) leaves whole paired comparisons: GAQAT and SAGM at each bit width (lowest first) over
+    all (target, seed) pairs, then FP SAGM with the same steps, the GAQAT variants, then LSQ."""
     extra = variants(args)
     methods = list(dict.fromkeys([*args.methods, *extra]))
-    firsts, rest = [], {}
-    for seed in args.seeds:
-        for target in args.targets:
-            pair = [Job(target, seed, FP, 32, "sagm")]  # skipped when its report exists
-            for bits in args.bits:
-                for method in methods:
-                    base = "gaqat" if method.startswith("gaqat") else method
-                    options = [*args.gaqat_option, *extra.get(method, [])] if base == "gaqat" else []
-                    pair.append(Job(target, seed, f"w{bits}-{method}", bits, base, options))
-            firsts.append(pair[0])
-            rest[(target, seed)] = pair[1:]
-    return firsts, rest
+    bit_widths = sorted(args.bits)
+    stages = [[(bits, m) for m in ("sagm", "gaqat") if m in methods] for bits in bit_widths]
+    stages.append([(32, FP)])
+    stages.append([(bits, m) for bits in bit_widths for m in extra])
+    stages.append([(bits, m) for bits in bit_widths for m in methods if m not in ("sagm", "gaqat", *extra)])
+    jobs = []
+    for stage in stages:
+        for seed in args.seeds:
+            for target in args.targets:
+                jobs += [_job(args, target, seed, bits, method, extra) for bits, method in stage]
+    return jobs
+
+
+def _job(args, target: str, seed: int, bits: int, method: str, extra: dict[str, list[str]]) -> Job:
+    if method == FP:
+        return Job(target, seed, FP, 32, "sagm")
+    base = "gaqat" if method.startswith("gaqat") else method
+    options = [*args.gaqat_option, *extra.get(method, [])] if base == "gaqat" else []
+    return Job(target, seed, f"w{bits}-{method}", bits, base, options)
 
 
 def budget_flags(args) -> list[str]:
@@ -213,20 +222,43 @@ def write_result(path: Path, result: dict) -> None:
 
 
 def run_grid(args) -> float:
-    """All jobs, ``--workers`` at a time: pre-training jobs first, each pair's other jobs
-    become ready when its pre-training job is done."""
-    firsts, rest = plan(args)
+    """The unfinished jobs in ``plan`` order, ``--workers`` at a time. A pair whose start is not
+    cached yet runs one job at a time until that job has pre-trained (and cached) it."""
+    todo = [job for job in plan(args) if not job.result(args).exists()]
+    started = cached_starts(args, {(job.target, job.seed) for job in todo})
     start = time.perf_counter()
     with ThreadPoolExecutor(args.workers) as pool:
-        pending: dict[Future, Job] = {pool.submit(run_job, args, job): job for job in firsts}
-        while pending:
-            done, _ = wait(pending, return_when=FIRST_COMPLETED)
+        running: dict[Future, Job] = {}
+        while todo or running:
+            busy = {(job.target, job.seed) for job in running.values()}
+            while todo and len(running) < args.workers:
+                ready = next((job for job in todo if (job.target, job.seed) in started
+                              or (job.target, job.seed) not in busy), None)
+                if ready is None:
+                    break
+                todo.remove(ready)
+                busy.add((ready.target, ready.seed))
+                running[pool.submit(run_job, args, ready)] = ready
+            done, _ = wait(running, return_when=FIRST_COMPLETED)
             for future in done:
-                job = pending.pop(future)
+                job = running.pop(future)
                 future.result()
-                for follower in rest.pop((job.target, job.seed), []):
-                    pending[pool.submit(run_job, args, follower)] = follower
+                started.add((job.target, job.seed))
     return time.perf_counter() - start
+
+
+def cached_starts(args, pairs: set[tuple[str, int]]) -> set[tuple[str, int]]:
+    """The (target, seed) pairs whose FP start the cache holds under this checkout's key."""
+    from qtool.data import load_domains
+    from qtool.pipeline import pretrain_key
+
+    data = load_domains(args.data)
+    return {(target, seed) for target, seed in pairs
+            if start_path(args, pretrain_key(pretrain_options(args, target, seed), data)).exists()}
+
+
+def start_path(args, key: str) -> Path:
+    return Path(cache_dir(args)) / f"resnet20-{key}.pt"
 
 
 # -- the pre-training phase -------------------------------------------------------------------
@@ -284,8 +316,7 @@ def check_starts(args) -> bool:
     found = True
     for seed in args.seeds:
         for target in args.targets:
-            key = pretrain_key(pretrain_options(args, target, seed), data)
-            path = Path(cache_dir(args)) / f"resnet20-{key}.pt"
+            path = start_path(args, pretrain_key(pretrain_options(args, target, seed), data))
             found &= path.exists()
             print(f"{target} seed {seed}: {'cached' if path.exists() else 'MISSING'} {path}", flush=True)
     return found

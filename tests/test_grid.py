@@ -38,13 +38,24 @@ def test_pretrain_phase_and_qat_commands_share_the_cache_key(monkeypatch, tmp_pa
 
     args = gaqat_grid.parse_args(["--out", str(tmp_path), "--cache-dir", str(tmp_path / "cache"), "--pretrain-epochs", "3"])
     data = SimpleNamespace(image_size=32)
-    _, rest = gaqat_grid.plan(args)
-    for job in (rest[("mnist_m", 1)][0], rest[("mnist_m", 1)][-1]):  # w4-lsq, w3-gaqat-layer
+    pair = [job for job in gaqat_grid.plan(args) if (job.target, job.seed) == ("mnist_m", 1)]
+    for job in (pair[0], pair[-1]):  # w3-sagm, w4-lsq
         command = gaqat_grid.command(args, job)
         options = cli_options(monkeypatch, command[3:])  # after "python -m qtool"
         assert options.cache_dir == str(tmp_path / "cache") and options.device == "cpu" and options.threads == 1
         assert pretrain_key(options, data) == pretrain_key(gaqat_grid.pretrain_options(args, "mnist_m", 1), data)
-    assert [job.name for job in rest[("mnist_m", 1)]][-1] == "w3-gaqat-layer"
+
+
+def test_plan_runs_the_paired_gaqat_sagm_comparisons_first():
+    jobs = gaqat_grid.plan(gaqat_grid.parse_args([]))
+    names = [job.name for job in jobs]
+    assert len(jobs) == len({(j.target, j.seed, j.name) for j in jobs}) == 9 * 9  # 9 pairs x 9 runs
+    assert names[:2] == ["w3-sagm", "w3-gaqat"] and (jobs[0].target, jobs[0].seed) == (jobs[1].target, jobs[1].seed)
+    assert set(names[:18]) == {"w3-sagm", "w3-gaqat"} and set(names[18:36]) == {"w4-sagm", "w4-gaqat"}
+    assert set(names[36:45]) == {"fp32-sagm"} and set(names[45:63]) == {"w3-gaqat-layer", "w4-gaqat-layer"}
+    assert set(names[63:]) == {"w3-lsq", "w4-lsq"}
+    layer = next(job for job in jobs if job.name == "w3-gaqat-layer")
+    assert layer.method == "gaqat" and layer.options == ["freeze=layer"] and layer.bits == 3
 
 
 def test_default_data_is_the_readme_relative_path():

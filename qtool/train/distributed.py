@@ -124,6 +124,8 @@ def joined_world(device: str = "auto") -> Iterator[World]:
         dist.init_process_group(backend="nccl" if target.type == "cuda" else "gloo")
     try:
         yield World(dist.get_rank(), dist.get_world_size(), target)
+        if owner:  # leave together: a rank that tears gloo down while rank 0 still writes can abort at exit
+            dist.barrier()
     finally:
         if owner:
             dist.destroy_process_group()
