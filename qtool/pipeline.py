@@ -7,6 +7,7 @@ rank 0 alone writes files.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -99,11 +100,25 @@ def _check_writable(out: str) -> None:
 # -- full-precision pre-training, cached ---------------------------------------------------
 
 def _data_identity(spec: str) -> str:
+    """What the pre-training cache and a resumed run compare data by: an archive's content (a
+    re-created or moved copy of the same file keeps its cache; a changed one does not), a
+    folder's path, size and time, or the name of a built-in dataset."""
     path = Path(spec).expanduser()
+    if path.is_file():
+        return f"sha256:{_file_digest(path.resolve(), path.stat().st_size, path.stat().st_mtime_ns)}"
     if path.exists():
         stat = path.stat()
         return f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
     return spec
+
+
+@functools.lru_cache(maxsize=8)
+def _file_digest(path: Path, size: int, mtime_ns: int) -> str:  # size and time: a rewritten file is read again
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _cache_root(options: QuantizeOptions) -> Path:

@@ -3,6 +3,8 @@
 (settings only, so another checkout reuses a start)."""
 
 import json
+from pathlib import Path
+from types import SimpleNamespace
 from dataclasses import replace
 
 import pytest
@@ -89,3 +91,25 @@ def test_pretrain_key_ignores_the_qtool_version(monkeypatch):
     key = pipeline.pretrain_key(options, data)
     monkeypatch.setattr(pipeline, "__version__", "99.0")
     assert pipeline.pretrain_key(options, data) == key
+
+
+def test_pretrain_key_follows_the_archive_content_not_its_path_or_time(tmp_path):
+    """A data archive that is re-created (a new session's copy, a moved file) keeps the cached
+    starts; an archive with other content does not."""
+    import os
+    import shutil
+
+    from qtool.pipeline import pretrain_key
+    from reliability_helpers import write_tiny_npz
+
+    first = Path(write_tiny_npz(tmp_path / "a.npz"))
+    copy = tmp_path / "elsewhere" / "a.npz"
+    copy.parent.mkdir()
+    shutil.copyfile(first, copy)
+    os.utime(copy, ns=(1, 1))
+    data = SimpleNamespace(image_size=32)
+    key = pretrain_key(QuantizeOptions(model="resnet20", out="x", data=str(first)), data)
+    assert pretrain_key(QuantizeOptions(model="resnet20", out="x", data=str(copy)), data) == key
+    with open(copy, "ab") as handle:  # other bytes: another start
+        handle.write(b"\0")
+    assert pretrain_key(QuantizeOptions(model="resnet20", out="x", data=str(copy)), data) != key
