@@ -19,6 +19,9 @@ TORCH_LIBRARY(qtool, m) {
   m.def("lowbit_gemm_i8(Tensor xq, Tensor x_scale, Tensor w, Tensor scale, int bits, int K, int group_size) -> Tensor");
   m.def("binary_gemm(Tensor a, Tensor w, int K, Tensor? scale=None) -> Tensor");
   m.def("binary_conv2d(Tensor x, Tensor w, int in_channels, int[2] kernel_size, int[2] stride, int[2] padding, int[2] dilation, Tensor? scale=None) -> Tensor");
+  // binary_conv2d and what follows it in BNN blocks, in one pass over the output (ops_cpu.cpp;
+  // reference: qtool/lowbit/reference.py): bias, ReLU, BN's affine, a residual add, ReLU.
+  m.def("binary_conv2d_fused(Tensor x, Tensor w, int in_channels, int[2] kernel_size, int[2] stride, int[2] padding, int[2] dilation, Tensor? scale, Tensor? bias, bool relu_first, Tensor? post_scale, Tensor? post_shift, Tensor? residual, bool relu_last) -> Tensor");
   // Fused integer layers of a graph-prepared model (cpu/fused_layer.cpp; reference, fake kernels:
   // qtool/lowbit/fused_reference.py): input codes -> GEMM -> bias, unit (or the requantization
   // multiplier), clamp, requantization, optional residual add -> the next quantizer's codes (or

@@ -191,13 +191,29 @@ void tile(const BinaryTileArgs& t, const uint64_t* alo, const uint64_t* ahi, int
       for (int h = 0; h < 2; ++h)
         total[m][h] = _mm256_add_epi64(total[m][h], _mm256_sad_epu8(bytes[m][h], _mm256_setzero_si256()));
   }
-  alignas(32) int64_t pc[8];
+  // The epilogue in vector lanes, as finish() computes it: the 8 counts narrowed to int32
+  // (exact: |dot| <= K < 2^24), dot = K - 2 * count (+ padding correction), times the scale.
+  const int64_t n0 = p * kBinaryPanel, npad = ceil_div(t.N, kBinaryPanel) * kBinaryPanel;
+  const int live = static_cast<int>(t.N - n0 < 8 ? t.N - n0 : 8);
+  const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  const __m256i valid = _mm256_cmpgt_epi32(_mm256_set1_epi32(live), lanes);
+  const __m256 scale = !t.scale ? _mm256_set1_ps(1.0f)
+                       : t.scale_stride ? _mm256_maskload_ps(t.scale + n0, valid) : _mm256_set1_ps(t.scale[0]);
+  const __m256i low_dwords = _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7);
+  const __m256i k = _mm256_set1_epi32(static_cast<int>(t.K));
   for (int m = 0; m < MR && r0 + m < t.rows; ++m) {
-    _mm256_store_si256(reinterpret_cast<__m256i*>(pc), total[m][0]);
-    _mm256_store_si256(reinterpret_cast<__m256i*>(pc + 4), total[m][1]);
-    for (int j = 0; j < 8 && p * kBinaryPanel + j < t.N; ++j) {
-      const int64_t n = p * kBinaryPanel + j;
-      t.out[(r0 + m) * t.ldo + n] = finish(t, r0 + m, n, pc[j]);
+    const int64_t row = r0 + m;
+    const __m256i first = _mm256_permutevar8x32_epi32(total[m][0], low_dwords);
+    const __m256i second = _mm256_permutevar8x32_epi32(total[m][1], low_dwords);
+    const __m256i count = _mm256_permute2x128_si256(first, second, 0x20);
+    __m256i dot = _mm256_sub_epi32(k, _mm256_slli_epi32(count, 1));
+    if (t.corr)
+      dot = _mm256_add_epi32(dot, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(t.corr + t.pattern[row] * npad + n0)));
+    const __m256 y = _mm256_mul_ps(_mm256_cvtepi32_ps(dot), scale);
+    if (live == 8) {
+      _mm256_storeu_ps(t.out + row * t.ldo + n0, y);
+    } else {
+      _mm256_maskstore_ps(t.out + row * t.ldo + n0, valid, y);
     }
   }
 }

@@ -6,6 +6,11 @@
 #include <cstdlib>
 #include <vector>
 
+#if defined(__aarch64__) && defined(__linux__)
+#include <asm/hwcap.h>
+#include <sys/auxv.h>
+#endif
+
 #define QTOOL_DECLARE_ISA(NS)                                                                   \
   namespace qtool {                                                                             \
   namespace cpu {                                                                               \
@@ -36,6 +41,9 @@ QTOOL_DECLARE_ISA(scalar)
 #if defined(QTOOL_WITH_X86)
 QTOOL_DECLARE_ISA(avx2)
 QTOOL_DECLARE_ISA(avx512)
+#elif defined(__aarch64__)
+QTOOL_DECLARE_ISA(neon)
+QTOOL_DECLARE_ISA(neondot)
 #endif
 
 namespace qtool {
@@ -60,6 +68,18 @@ bool has_avx2() {
   return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
          __builtin_cpu_supports("bmi2") && __builtin_cpu_supports("popcnt");
 }
+#elif defined(__aarch64__)
+// Advanced SIMD is part of every aarch64 CPU; the ARMv8.2 dot product (SDOT/UDOT) is not.
+const KernelTable kNeon = QTOOL_TABLE(neon);
+const KernelTable kNeonDot = QTOOL_TABLE(neondot);
+
+bool has_dotprod() {
+#if defined(__linux__) && defined(HWCAP_ASIMDDP)
+  return (getauxval(AT_HWCAP) & HWCAP_ASIMDDP) != 0;
+#else
+  return false;  // no portable query here: the baseline NEON build is safe everywhere
+#endif
+}
 #endif
 
 // Supported builds, best first.
@@ -68,6 +88,9 @@ std::vector<const KernelTable*> available() {
 #if defined(QTOOL_WITH_X86)
   if (has_avx512()) out.push_back(&kAvx512);
   if (has_avx2()) out.push_back(&kAvx2);
+#elif defined(__aarch64__)
+  if (has_dotprod()) out.push_back(&kNeonDot);
+  out.push_back(&kNeon);
 #endif
   out.push_back(&kScalar);
   return out;

@@ -1,9 +1,10 @@
 // The aarch64 counterpart of include/isa.h: a wrapper defines QTOOL_ISA_NEON (baseline
 // ARMv8-A Advanced SIMD, every aarch64 CPU) or QTOOL_ISA_NEONDOT (ARMv8.2-A dot product:
 // vdotq_s32; Cortex-A55/A76 and later, Apple M1+, Neoverse) and includes a kernel family,
-// which then compiles its NEON section into namespace `neon` or `neondot`. Runtime choice:
-// getauxval(AT_HWCAP) & HWCAP_ASIMDDP (see tests/kernels/neon/harness.cpp). Until the torch
-// build compiles these on aarch64, tests/kernels/neon/build.sh builds them for the tests.
+// which then compiles its NEON section into namespace `neon` or `neondot`. qtool.native.build
+// generates those wrappers on aarch64; kernels/cpu/dispatch.cpp picks neondot where
+// getauxval(AT_HWCAP) has HWCAP_ASIMDDP, else neon. tests/kernels/neon/build.sh builds the same
+// sources without torch for the qemu tests.
 #pragma once
 
 #if !defined(__aarch64__)

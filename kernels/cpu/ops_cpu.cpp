@@ -17,6 +17,7 @@
 #include "dispatch.h"
 #include "layout.h"
 #include "op_checks.h"
+#include "target_clones.h"
 
 namespace qtool {
 namespace {
@@ -243,10 +244,61 @@ Tensor binary_gemm(const Tensor& a, const Tensor& w, int64_t K, const std::optio
   return out;
 }
 
-Tensor binary_conv2d(const Tensor& x, const Tensor& w, int64_t in_channels, at::IntArrayRef kernel_size,
-                     at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
-                     const std::optional<Tensor>& scale) {
-  const char* op = "binary_conv2d";
+// What follows a binary conv in BNN blocks, applied to each tile's output rows while they are in
+// cache (one pass over the output instead of one per PyTorch op), per output channel o:
+// y = dot * scale + bias; relu; y * post_scale + post_shift; + residual; relu. Null: skipped.
+struct BinaryEpilogue {
+  const float* bias = nullptr;
+  bool relu_first = false;
+  const float* post_scale = nullptr;
+  const float* post_shift = nullptr;
+  const float* residual = nullptr;  // [M][O], the output's channels-last layout
+  bool relu_last = false;
+
+  bool any() const { return bias || relu_first || post_scale || residual || relu_last; }
+
+  void apply(float* out, int64_t m0, int64_t rows, int64_t O) const;
+};
+
+// One stage at a time over the tile's rows x O block (in cache): loops the compiler vectorizes,
+// for the CPU at hand (QTOOL_CLONES).
+QTOOL_CLONES void binary_epilogue(const BinaryEpilogue& ep, float* out, int64_t m0, int64_t rows, int64_t O) {
+  const int64_t count = rows * O;
+  if (ep.bias || ep.post_scale || ep.relu_first) {
+    for (int64_t r = 0; r < rows; ++r) {
+      float* y = out + r * O;
+      if (ep.bias) {
+#pragma omp simd
+        for (int64_t o = 0; o < O; ++o) y[o] += ep.bias[o];
+      }
+      if (ep.relu_first) {
+#pragma omp simd
+        for (int64_t o = 0; o < O; ++o) y[o] = y[o] > 0.0f ? y[o] : 0.0f;
+      }
+      if (ep.post_scale) {
+#pragma omp simd
+        for (int64_t o = 0; o < O; ++o) y[o] = y[o] * ep.post_scale[o] + ep.post_shift[o];
+      }
+    }
+  }
+  if (ep.residual) {
+    const float* res = ep.residual + m0 * O;
+#pragma omp simd
+    for (int64_t i = 0; i < count; ++i) out[i] += res[i];
+  }
+  if (ep.relu_last) {
+#pragma omp simd
+    for (int64_t i = 0; i < count; ++i) out[i] = out[i] > 0.0f ? out[i] : 0.0f;
+  }
+}
+
+void BinaryEpilogue::apply(float* out, int64_t m0, int64_t rows, int64_t O) const {
+  binary_epilogue(*this, out, m0, rows, O);
+}
+
+Tensor binary_conv2d_impl(const char* op, const Tensor& x, const Tensor& w, int64_t in_channels,
+                          at::IntArrayRef kernel_size, at::IntArrayRef stride, at::IntArrayRef padding,
+                          at::IntArrayRef dilation, const std::optional<Tensor>& scale, const BinaryEpilogue& ep) {
   const ConvGeometry g = checks::conv(x, w, in_channels, kernel_size, stride, padding, dilation);
   const int64_t scale_stride = checks::scale(scale, g.O, op);
   Tensor out = at::empty({g.N, g.O, g.OH, g.OW}, x.options().dtype(at::kFloat).memory_format(at::MemoryFormat::ChannelsLast));
@@ -300,9 +352,51 @@ Tensor binary_conv2d(const Tensor& x, const Tensor& w, int64_t in_channels, at::
       t.scratch = scratch.data();
       t.out = base.out + m0 * g.O;
       kt.binary_tile(t);
+      if (ep.any()) ep.apply(t.out, m0, rows, g.O);
     }
   });
   return out;
+}
+
+Tensor binary_conv2d(const Tensor& x, const Tensor& w, int64_t in_channels, at::IntArrayRef kernel_size,
+                     at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                     const std::optional<Tensor>& scale) {
+  return binary_conv2d_impl("binary_conv2d", x, w, in_channels, kernel_size, stride, padding, dilation, scale, {});
+}
+
+// A per-channel float32 vector of the epilogue ([O] values), checked; null when absent.
+const float* channel_vector(const std::optional<Tensor>& v, int64_t O, const char* what, std::vector<Tensor>& keep) {
+  if (!v.has_value()) return nullptr;
+  TORCH_CHECK(v->numel() == O, "binary_conv2d_fused: ", what, " must hold ", O, " values, got ", v->sizes());
+  keep.push_back(v->to(at::kFloat).contiguous());
+  return keep.back().data_ptr<float>();
+}
+
+Tensor binary_conv2d_fused(const Tensor& x, const Tensor& w, int64_t in_channels, at::IntArrayRef kernel_size,
+                           at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                           const std::optional<Tensor>& scale, const std::optional<Tensor>& bias, bool relu_first,
+                           const std::optional<Tensor>& post_scale, const std::optional<Tensor>& post_shift,
+                           const std::optional<Tensor>& residual, bool relu_last) {
+  const char* op = "binary_conv2d_fused";
+  const int64_t O = w.size(0);
+  TORCH_CHECK(post_scale.has_value() == post_shift.has_value(), op, ": post_scale and post_shift come together");
+  std::vector<Tensor> keep;
+  BinaryEpilogue ep;
+  ep.bias = channel_vector(bias, O, "bias", keep);
+  ep.relu_first = relu_first;
+  ep.post_scale = channel_vector(post_scale, O, "post_scale", keep);
+  ep.post_shift = channel_vector(post_shift, O, "post_shift", keep);
+  ep.relu_last = relu_last;
+  if (residual.has_value()) {
+    const ConvGeometry g = checks::conv(x, w, in_channels, kernel_size, stride, padding, dilation);
+    TORCH_CHECK(residual->dim() == 4 && residual->size(0) == g.N && residual->size(1) == O &&
+                    residual->size(2) == g.OH && residual->size(3) == g.OW,
+                op, ": residual must be [", g.N, ", ", O, ", ", g.OH, ", ", g.OW, "], got ", residual->sizes());
+    TORCH_CHECK(residual->device() == x.device(), op, ": residual must be on the input's device");
+    keep.push_back(residual->to(at::kFloat).contiguous(at::MemoryFormat::ChannelsLast));
+    ep.residual = keep.back().data_ptr<float>();
+  }
+  return binary_conv2d_impl(op, x, w, in_channels, kernel_size, stride, padding, dilation, scale, ep);
 }
 
 std::string cpu_isa() { return cpu::kernels().name; }
@@ -318,6 +412,8 @@ std::string set_cpu_isa(const std::string& name) {
 
 TORCH_LIBRARY_IMPL(qtool, CPU, m) {
   QTOOL_IMPL_ALL_OPS(m);
+  // CPU only, like the fused integer layers (fused_layer.cpp): CUDA tensors run the reference.
+  m.impl("binary_conv2d_fused", &qtool::binary_conv2d_fused);
 }
 
 // CPU-only controls of the ISA dispatch (no tensors, so no dispatch key: plain functions).

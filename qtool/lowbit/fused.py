@@ -511,10 +511,12 @@ def fuse(model: fx.GraphModule, weights: str = "auto") -> FusedModel:
 def convert(model: nn.Module):
     """``fuse`` as a ``qtool.lowbit.runtime.Conversion`` (model, converted, kept) for a
     graph-prepared model; ``runtime.convert`` (per-layer packed kernels) for any other, such as
-    the layer-swapped binary networks. A drop-in for ``runtime.convert`` in the benchmarks."""
+    the layer-swapped binary networks, whose binary convs then take their epilogues
+    (``qtool.lowbit.binary_fused``). A drop-in for ``runtime.convert`` in the benchmarks."""
     from qtool.lowbit import runtime
+    from qtool.lowbit.binary_fused import fuse_binary
 
     if not (isinstance(model, fx.GraphModule) and hasattr(model, "qtool_act")):
-        return runtime.convert(model)
+        return fuse_binary(runtime.convert(model))
     fused_model = fuse(model)
     return runtime.Conversion(fused_model, dict(fused_model.fused), dict(fused_model.kept))

@@ -29,11 +29,22 @@ SCHEMAS = {
     "binary_gemm": "binary_gemm(Tensor a, Tensor w, int K, Tensor? scale=None) -> Tensor",
     "binary_conv2d": "binary_conv2d(Tensor x, Tensor w, int in_channels, int[2] kernel_size, int[2] stride, "
                      "int[2] padding, int[2] dilation, Tensor? scale=None) -> Tensor",
+    "binary_conv2d_fused": "binary_conv2d_fused(Tensor x, Tensor w, int in_channels, int[2] kernel_size, "
+                           "int[2] stride, int[2] padding, int[2] dilation, Tensor? scale, Tensor? bias, "
+                           "bool relu_first, Tensor? post_scale, Tensor? post_shift, Tensor? residual, "
+                           "bool relu_last) -> Tensor",
 }
 
 
 def _blocks(K):
     return -(-K // 64)
+
+
+def _conv_output(x, w, kernel_size, stride, padding, dilation) -> torch.Tensor:
+    size = [(x.shape[2 + i] + 2 * padding[i] - dilation[i] * (kernel_size[i] - 1) - 1) // stride[i] + 1
+            for i in range(2)]
+    return torch.empty((x.shape[0], w.shape[0], *size), dtype=torch.float32, device=x.device,
+                       memory_format=torch.channels_last)
 
 
 def _register_fakes() -> None:
@@ -82,10 +93,12 @@ def _register_fakes() -> None:
 
     @fake("binary_conv2d")
     def _(x, w, in_channels, kernel_size, stride, padding, dilation, scale=None):
-        size = [(x.shape[2 + i] + 2 * padding[i] - dilation[i] * (kernel_size[i] - 1) - 1) // stride[i] + 1
-                for i in range(2)]
-        return torch.empty((x.shape[0], w.shape[0], *size), dtype=torch.float32, device=x.device,
-                           memory_format=torch.channels_last)
+        return _conv_output(x, w, kernel_size, stride, padding, dilation)
+
+    @fake("binary_conv2d_fused")
+    def _(x, w, in_channels, kernel_size, stride, padding, dilation, scale, bias, relu_first, post_scale, post_shift,
+          residual, relu_last):
+        return _conv_output(x, w, kernel_size, stride, padding, dilation)
 
 
 def backend() -> str:

@@ -163,6 +163,28 @@ def binary_conv2d(x: torch.Tensor, w: torch.Tensor, in_channels: int, kernel_siz
     return out.contiguous(memory_format=torch.channels_last)
 
 
+def binary_conv2d_fused(x, w, in_channels, kernel_size, stride, padding, dilation, scale, bias, relu_first,
+                        post_scale, post_shift, residual, relu_last) -> torch.Tensor:
+    """``binary_conv2d`` and the epilogue of a BNN block, per output channel and in this order:
+    ``+ bias``, ReLU, ``* post_scale + post_shift`` (an eval-mode BatchNorm), ``+ residual``, ReLU."""
+    y = binary_conv2d(x, w, in_channels, kernel_size, stride, padding, dilation, scale)
+
+    def per_channel(v):
+        return v.float().reshape(1, -1, 1, 1)
+
+    if bias is not None:
+        y = y + per_channel(bias)
+    if relu_first:
+        y = torch.relu(y)
+    if post_scale is not None:
+        y = y * per_channel(post_scale) + per_channel(post_shift)
+    if residual is not None:
+        y = y + residual.float()
+    if relu_last:
+        y = torch.relu(y)
+    return y.contiguous(memory_format=torch.channels_last)
+
+
 OPS = {
     "pack_int4": pack_int4,
     "unpack_int4": unpack_int4,
@@ -175,4 +197,5 @@ OPS = {
     "lowbit_gemm_i8": lowbit_gemm_i8,
     "binary_gemm": binary_gemm,
     "binary_conv2d": binary_conv2d,
+    "binary_conv2d_fused": binary_conv2d_fused,
 }

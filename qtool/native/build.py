@@ -48,8 +48,17 @@ def is_x86() -> bool:
     return platform.machine().lower() in ("x86_64", "amd64", "i686", "x86")
 
 
+def is_aarch64() -> bool:
+    return platform.machine().lower() in ("aarch64", "arm64")
+
+
 def isas() -> tuple[str, ...]:
-    return ("avx512", "avx2", "scalar") if is_x86() else ("scalar",)
+    """The ISA builds of each kernel family, best first (kernels/cpu/dispatch.cpp picks at load)."""
+    if is_x86():
+        return ("avx512", "avx2", "scalar")
+    if is_aarch64():
+        return ("neondot", "neon", "scalar")
+    return ("scalar",)
 
 
 def cuda_enabled() -> bool:

@@ -65,6 +65,17 @@ def test_every_neon_build_matches_the_scalar_build(harness):
 
 
 @pytest.mark.skipif(NATIVE, reason="qemu picks the CPU model; a native run has one CPU")
+def test_the_library_dispatch_picks_the_best_neon_build(harness):
+    """kernels/cpu/dispatch.cpp, as the torch library loads it on aarch64: the dot-product build
+    where the CPU has SDOT, baseline NEON where it does not, and QTOOL_KERNEL_ISA forces one."""
+    assert run(harness, "dispatch").split() == ["neondot", "neondot,neon,scalar"]
+    assert run(harness, "dispatch", cpu="cortex-a53").split() == ["neon", "neon,scalar"]
+    forced = subprocess.run([*QEMU, str(harness), "dispatch"], capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "QTOOL_KERNEL_ISA": "neon"})
+    assert forced.stdout.split() == ["neon", "neondot,neon,scalar"]
+
+
+@pytest.mark.skipif(NATIVE, reason="qemu picks the CPU model; a native run has one CPU")
 def test_baseline_build_runs_without_the_dot_product(harness):
     # Cortex-A53 (Raspberry Pi 3, many boards) has no SDOT: the baseline build must not use it.
     assert run(harness, "isas", cpu="cortex-a53").split() == ["scalar", "neon"]
@@ -149,3 +160,26 @@ def test_neon_kernels_match_the_reference(harness, tmp_path):
                     assert torch.equal(got, want.contiguous()), where
                 else:
                     assert_float_close(got, want.contiguous())
+
+
+@pytest.mark.skipif(NATIVE, reason="on an aarch64 machine the library itself builds and loads (test_build.py)")
+def test_the_torch_library_sources_compile_for_aarch64():
+    """Every translation unit of the torch op library, as qtool.native.build compiles it on an
+    aarch64 machine (generic sources plus one wrapper per kernel family and NEON ISA), passes
+    the cross compiler: syntax and types only, no link (torch is x86 here)."""
+    import sysconfig
+
+    from torch.utils import cpp_extension
+
+    from qtool.native.build import CFLAGS, GENERIC_SOURCES, TRAINING_SOURCES
+
+    includes = [f"-I{p}" for p in cpp_extension.include_paths()] + [f"-I{sysconfig.get_paths()['include']}"]
+    includes += [f"-I{KERNELS / 'include'}", f"-I{KERNELS / 'cpu'}"]
+
+    units = [([], KERNELS / s) for s in GENERIC_SOURCES + TRAINING_SOURCES]
+    units += [([f"-DQTOOL_ISA_{isa.upper()}=1"], KERNELS / "cpu" / f"{family}.cpp")
+              for family in ("binary", "lowbit") for isa in ("neondot", "neon")]
+    for defines, source in units:
+        result = subprocess.run([CXX, "-std=c++20", "-fsyntax-only", *CFLAGS, *defines, *includes, str(source)],
+                                capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, f"{source.name} {defines}: {result.stderr[-2000:]}"

@@ -116,7 +116,7 @@ def test_dequantized_is_the_plain_fp32_network(qops):
 
 def test_bench_checkpoint_model_reports_both_sides(qops):
     result = bench_checkpoint_model(binary_net(), torch.randn(2, 3, 12, 12), threads=[1], repeats=2)
-    assert result["converted"] == {"4": "binary"} and result["max_abs_diff"] < 1e-3
+    assert result["converted"] == {"4": "binary + bn"} and result["max_abs_diff"] < 1e-3  # BN in the epilogue
     row = result["results"][0]
     assert row["threads"] == 1 and row["kernels_ms"] > 0 and row["fp32_ms"] > 0
 

@@ -1,7 +1,7 @@
 #!/bin/sh
 # Builds the NEON test harness for aarch64: the kernel families (kernels/cpu/lowbit.cpp and
 # binary.cpp) compiled three times (scalar reference, baseline NEON, NEON with the dot
-# product), the layout/im2col helpers and harness.cpp, linked statically so that qemu-user
+# product), the runtime ISA dispatch, the layout/im2col helpers and harness.cpp, linked statically so that qemu-user
 # runs it without a sysroot.
 #   tests/kernels/neon/build.sh OUT_DIR [KERNELS_DIR]
 # CXX_AARCH64 overrides the compiler (default aarch64-linux-gnu-g++; g++ on an aarch64 host).
@@ -23,6 +23,7 @@ for family in lowbit binary; do
   compile "$k/cpu/$family.cpp" "${family}_neon" "-DQTOOL_ISA_NEON=1"
   compile "$k/cpu/$family.cpp" "${family}_neondot" "-DQTOOL_ISA_NEONDOT=1"
 done
+compile "$k/cpu/dispatch.cpp" dispatch ""
 compile "$k/cpu/layout.cpp" layout ""
 compile "$k/cpu/im2col.cpp" im2col ""
 compile "$here/harness.cpp" harness ""

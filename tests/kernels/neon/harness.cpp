@@ -3,6 +3,8 @@
 // tests/kernels/test_neon.py, or natively on an ARM board.
 //
 //   harness isas          the kernel builds this CPU runs: scalar, neon, neondot (HWCAP_ASIMDDP)
+//   harness dispatch      what kernels/cpu/dispatch.cpp (the torch library's loader) picks and
+//                         lists: "<chosen> <available, best first>" (honours QTOOL_KERNEL_ISA)
 //   harness selftest [N]  N random cases per op (default 200): every NEON build against the
 //                         scalar build of the same sources (integers exact, fp32 within 1e-5)
 //   harness cases DIR     for every DIR/<case>/case.txt (inputs written from
@@ -23,6 +25,7 @@
 #include <string>
 #include <vector>
 
+#include "dispatch.h"
 #include "layout.h"
 #include "qtool_kernels.h"
 
@@ -399,6 +402,10 @@ int main(int argc, char** argv) {
     for (const auto& kt : tables()) std::printf("%s\n", kt.name);
     return 0;
   }
+  if (mode == "dispatch") {
+    std::printf("%s %s\n", qtool::cpu::kernels().name, qtool::cpu::supported_isas().c_str());
+    return 0;
+  }
   if (mode == "selftest") return selftest(argc > 2 ? std::atoi(argv[2]) : 200);
   if (mode == "cases" && argc > 2) {
     // The pytest lists the case folders in DIR/cases.txt, one per line.
@@ -410,6 +417,6 @@ int main(int argc, char** argv) {
       if (!name.empty()) rc |= run_case(std::string(argv[2]) + "/" + name, kts);
     return rc;
   }
-  std::fprintf(stderr, "usage: harness isas | selftest [count] | cases DIR\n");
+  std::fprintf(stderr, "usage: harness isas | dispatch | selftest [count] | cases DIR\n");
   return 2;
 }
