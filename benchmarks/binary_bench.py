@@ -1,13 +1,19 @@
-"""Binary resnet20 on digits_dg: ReSTE vs STE accuracy, and binary vs full-precision step time.
+"""Binary resnet20 on digits_dg: ReSTE vs STE accuracy at convergence, and binary vs
+full-precision step time.
 
-    # accuracy: (a) all domains as sources (in-distribution), (b) leave-one-domain-out on one
-    # target; 3 seeds; ReSTE and STE start from the same cached FP model and train the same steps
-    flock /tmp/qtool-heavy.lock python benchmarks/binary_bench.py accuracy --out runs/binary-bench
+    # accuracy: (a) all three domains as sources (source-validation accuracy), (b) leave mnist_m
+    # out (target accuracy); 3 seeds; ReSTE and STE start from the same cached FP model (20 plain
+    # Adam epochs, the GAQAT grid's starts: pass its --cache-dir to reuse them) and see the same
+    # batches; 10 binary epochs with o rising 1 -> 3 (the last epoch at 3)
+    python benchmarks/binary_bench.py accuracy --cache-dir runs/grid-cache --workers 2
     # training step time, ReSTE binary vs FP resnet20, interleaved in one process
-    flock /tmp/qtool-heavy.lock python benchmarks/binary_bench.py steptime --threads 1 --json runs/binary-bench/steptime.json
+    python benchmarks/binary_bench.py steptime --threads 1 --json runs/binary-bench/steptime.json
 
-``accuracy`` runs ``qtool quantize`` commands (printed, resumable: a run whose report.json exists
-is skipped), ``--workers`` at a time with ``--threads 1`` each, then prints mean +- std tables.
+``accuracy`` runs ``qtool quantize`` commands, pairs (same setting and seed) in order of seed, so
+that a run stopped part-way leaves whole paired comparisons. Resumable into the repository:
+each finished run writes a compact report (accuracies, convergence curves, ReSTE's indicators
+per epoch) to ``--results/<setting>/<method>-seed<N>.json`` and is skipped next time; a killed
+run continues from its checkpoint. Then it prints the mean +- std table.
 """
 
 from __future__ import annotations
@@ -21,44 +27,62 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from run_results import compact, write_result
+
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / ".." / "shared" / "data" / "digits_dg.npz"  # the README's ../shared, from the repository root
+RESULTS = REPO / "docs" / "results" / "reste-converged"
 METHODS = ("reste", "ste")
 
 
 def quantize_command(args, setting: str, method: str, seed: int) -> list[str]:
-    out = Path(args.out) / setting / f"{method}-seed{seed}"
-    command = ["qtool", "quantize", "resnet20", "--data", args.data, "--bits", "1", "--method", method,
-               "--epochs", str(args.epochs), "--pretrain-epochs", str(args.pretrain_epochs), "--pretrain-method", "plain",
-               "--lr", str(args.lr), "--seed", str(seed), "--evals", str(args.evals), "--threads", "1",
-               "--cache-dir", str(Path(args.out) / "cache"), "--out", str(out)]
+    command = [sys.executable, "-m", "qtool", "quantize", "resnet20", "--data", args.data, "--bits", "1",
+               "--method", method, "--epochs", str(float(args.epochs)),
+               "--pretrain-epochs", str(float(args.pretrain_epochs)), "--pretrain-method", "plain",
+               "--batch-size", str(args.batch_size), "--lr", str(args.lr), "--seed", str(seed),
+               "--evals", str(args.evals), "--threads", "1", "--device", args.device,
+               "--cache-dir", args.cache_dir or str(Path(args.out) / "cache"), "--out", str(run_folder(args, setting, method, seed))]
     if setting != "in-distribution":
-        command[5:5] = ["--target-domain", setting.removeprefix("target-")]  # after --data DATA
+        command[7:7] = ["--target-domain", setting.removeprefix("target-")]  # after --data DATA
     return command
 
 
-def run_chain(commands: list[list[str]]) -> None:
+def run_folder(args, setting: str, method: str, seed: int) -> Path:
+    return Path(args.out) / setting / f"{method}-seed{seed}"
+
+
+def result_path(args, setting: str, method: str, seed: int) -> Path:
+    return Path(args.results) / setting / f"{method}-seed{seed}.json"
+
+
+def run_chain(args, setting: str, seed: int) -> None:
     """One (setting, seed): ReSTE first (it pre-trains and caches the FP model), then STE reuses it."""
-    for command in commands:
-        out = Path(command[command.index("--out") + 1])
-        if (out / "report.json").exists():
-            print(f"skip (done): {' '.join(command)}", flush=True)
+    for method in METHODS:
+        if result_path(args, setting, method, seed).exists():
+            print(f"skip (done): {setting} {method} seed {seed}", flush=True)
             continue
+        command = quantize_command(args, setting, method, seed)
+        out = run_folder(args, setting, method, seed)
         out.mkdir(parents=True, exist_ok=True)
-        print(f"run: {' '.join(command)}", flush=True)
+        killed = any((out / "checkpoints" / f"{phase}.pt").exists() for phase in ("pretrain", "qat"))
+        print(f"run: {' '.join(command[1:])}", flush=True)
         start = time.perf_counter()
-        with open(out / "log.txt", "w") as log:
-            result = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT)
+        with open(out / "log.txt", "a") as log:
+            result = subprocess.run(command + (["--resume", str(out)] if killed else []), stdout=log,
+                                    stderr=subprocess.STDOUT)
+        if result.returncode == 0:
+            report = json.loads((out / "report.json").read_text())
+            write_result(result_path(args, setting, method, seed), compact(report, " ".join(command[1:]), args.device))
         print(f"  exit {result.returncode} after {time.perf_counter() - start:.0f} s: {out}", flush=True)
 
 
 def accuracy(args) -> None:
     settings = ["in-distribution", f"target-{args.target}"]
-    chains = [[quantize_command(args, setting, method, seed) for method in METHODS]
-              for seed in args.seeds for setting in settings]
+    chains = [(setting, seed) for seed in args.seeds for setting in settings]
     with ThreadPoolExecutor(args.workers) as pool:
-        list(pool.map(run_chain, chains))
-    summary = summarize(Path(args.out), settings, args.seeds)
+        list(pool.map(lambda chain: run_chain(args, *chain), chains))
+    summary = summarize(args, settings)
+    Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "summary.json").write_text(json.dumps(summary, indent=2))
     print_summary(summary)
 
@@ -68,24 +92,29 @@ def _mean_std(values: list[float]) -> dict:
             "values": values}
 
 
-def summarize(root: Path, settings: list[str], seeds: list[int]) -> dict:
-    """Per setting and method: the headline accuracy (target domain, or the mean over all
-    domains' validation parts in-distribution) over seeds, plus the per-seed ReSTE - STE gap."""
+def summarize(args, settings: list[str]) -> dict:
+    """Per setting and method: the headline accuracy (target domain, or source validation with
+    every domain a source) over the seeds with both runs finished, plus the paired ReSTE - STE gap."""
     summary = {}
     for setting in settings:
+        seeds = [s for s in args.seeds if all(result_path(args, setting, m, s).exists() for m in METHODS)]
+        if not seeds:
+            continue
         rows, fp = {}, []
         for method in METHODS:
-            reports = [json.loads((root / setting / f"{method}-seed{seed}" / "report.json").read_text()) for seed in seeds]
+            reports = [json.loads(result_path(args, setting, method, seed).read_text()) for seed in seeds]
             key = "target_accuracy" if reports[0]["target_domain"] else "source_val_accuracy"
             rows[method] = {
                 "accuracy": _mean_std([r[key] for r in reports]),
                 "source_val_accuracy": _mean_std([r["source_val_accuracy"] for r in reports]),
                 "steps": reports[0]["steps"], "seconds": _mean_std([r["seconds"] for r in reports]),
                 "final_o": reports[0]["estimator"]["o"][-1],
+                "converged": [r["convergence"]["qat"]["converged"] for r in reports],
             }
             fp = [r["full_precision"][key] for r in reports]
         gap = [a - b for a, b in zip(rows["reste"]["accuracy"]["values"], rows["ste"]["accuracy"]["values"])]
-        summary[setting] = {"metric": key, "full_precision": _mean_std(fp), **rows, "reste_minus_ste": _mean_std(gap)}
+        summary[setting] = {"metric": key, "seeds": seeds, "full_precision": _mean_std(fp), **rows,
+                            "reste_minus_ste": _mean_std(gap)}
     return summary
 
 
@@ -138,14 +167,19 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("accuracy", help="ReSTE vs STE accuracy over seeds")
-    run.add_argument("--out", default="runs/binary-bench")
+    run.add_argument("--out", default="runs/binary-bench", help="run folders (logs, checkpoints, report.json)")
+    run.add_argument("--results", default=str(RESULTS),
+                     help="compact per-run results, committed to the repository; a run with one here is skipped")
     run.add_argument("--data", default=str(DATA), help="digits_dg.npz (default: ../shared/data from the repository root)")
+    run.add_argument("--cache-dir", default=None, help="FP pre-training cache (default OUT/cache)")
+    run.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
     run.add_argument("--target", default="mnist_m", help="held-out domain of the leave-one-domain-out setting")
     run.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    run.add_argument("--epochs", type=float, default=4)
-    run.add_argument("--pretrain-epochs", type=float, default=3)
+    run.add_argument("--epochs", type=float, default=10, help="binary epochs (o reaches 3 in the last)")
+    run.add_argument("--pretrain-epochs", type=float, default=20, help="the GAQAT grid's FP budget")
+    run.add_argument("--batch-size", type=int, default=128)
     run.add_argument("--lr", type=float, default=3e-3)
-    run.add_argument("--evals", type=int, default=4)
+    run.add_argument("--evals", type=int, default=10, help="model-selection evaluations per phase (the curve's points)")
     run.add_argument("--workers", type=int, default=2)
     timing = commands.add_parser("steptime", help="binary vs FP training step time")
     timing.add_argument("--threads", type=int, default=1)

@@ -43,6 +43,8 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from run_results import compact, write_result
+
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / ".." / "shared" / "data" / "digits_dg.npz"  # the README's ../shared, from the repository root
 RESULTS = REPO / "docs" / "results" / "gaqat-converged"
@@ -200,25 +202,6 @@ def run_job(args, job: Job) -> float:
         write_result(job.result(args), compact(report, " ".join(cmd[1:]), args.device))
     print(f"{'ok ' if result.returncode == 0 else f'FAILED ({result.returncode})'} {seconds:6.0f} s  {out}", flush=True)
     return seconds
-
-
-def compact(report: dict, command_line: str, device: str) -> dict:
-    """What the repository keeps of a run's report.json: accuracies, the convergence record
-    (curves, verdicts, budget) and the GAQAT summary (measures per check and quantizer)."""
-    keep = ("model", "method", "bits", "act_bits", "seed", "target_domain", "source_domains", "accuracy",
-            "target_accuracy", "source_val_accuracy", "steps", "seconds", "selected_step", "convergence", "gaqat")
-    found = {key: report[key] for key in keep if key in report}
-    fp = report.get("full_precision", {})
-    found["full_precision"] = {k: fp[k] for k in ("accuracy", "target_accuracy", "source_val_accuracy", "pretrain_key")
-                               if k in fp}
-    return {**found, "device": device, "command": command_line}
-
-
-def write_result(path: Path, result: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=1) + "\n")
-    os.replace(tmp, path)  # a killed grid never leaves half a result (which would be skipped)
 
 
 def run_grid(args) -> float:

@@ -188,10 +188,10 @@ def test_checkpoint_round_trip_gives_identical_logits(tmp_path, arch, options):
 # -- schedule and indicators --------------------------------------------------------------------
 
 def test_o_schedule_start_middle_end():
-    assert o_schedule(0, 1000, 3.0) == 1.0
-    assert o_schedule(500, 1000, 3.0) == pytest.approx(1 + 2 * (1 - math.cos(math.pi / 4)))  # 1.586
-    assert o_schedule(999, 1000, 3.0) == pytest.approx(2.99686, abs=1e-5)
-    assert o_schedule(1000, 1000, 3.0) == pytest.approx(3.0)
+    assert o_schedule(0, 1001, 3.0) == 1.0
+    assert o_schedule(500, 1001, 3.0) == pytest.approx(1 + 2 * (1 - math.cos(math.pi / 4)))  # 1.586
+    assert o_schedule(1000, 1001, 3.0) == pytest.approx(3.0)  # the last epoch trains at o_end
+    assert o_schedule(9, 10, 3.0) == pytest.approx(3.0) and o_schedule(0, 1, 3.0) == 1.0
 
 
 def test_indicators_on_a_constructed_tensor():
@@ -224,13 +224,13 @@ def test_schedule_callback_sets_o_each_epoch_and_logs_one_value_per_epoch():
     probe = type("Probe", (), {"on_step_end": lambda self, trainer, step, loss: seen_o.append(layers[-1].estimator.o)})
     trainer.callbacks = [schedule, probe()]
     trainer.fit()
-    expected = [1.0, 1 + 2 * (1 - math.cos(math.pi / 6)), 2.0]
+    expected = [1.0, 1 + 2 * (1 - math.cos(math.pi / 4)), 3.0]
     log = schedule.report()["estimator"]
     assert log["o"] == pytest.approx(expected)
     assert seen_o == pytest.approx([o for o in expected for _ in range(4)])
     assert len(log["estimating_error"]) == len(log["gradient_stability"]) == 3
     assert log["estimating_error"][-1] == pytest.approx(
-        sum(estimating_error(layer.weight, 2.0) for layer in layers) / len(layers))
+        sum(estimating_error(layer.weight, 3.0) for layer in layers) / len(layers))
     assert all(value > 0 for value in log["gradient_stability"])
 
     state = schedule.state_dict()
@@ -238,7 +238,7 @@ def test_schedule_callback_sets_o_each_epoch_and_logs_one_value_per_epoch():
     for layer in layers:
         layer.estimator.o = 1.0
     restored.load_state_dict(state)
-    assert restored.report() == schedule.report() and layers[0].estimator.o == pytest.approx(2.0)
+    assert restored.report() == schedule.report() and layers[0].estimator.o == pytest.approx(3.0)
 
 
 # -- the command line ---------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""benchmarks/gaqat_grid.py: the pre-training phase caches the starts the QAT runs then read (same
+"""benchmarks/gaqat_grid.py and binary_bench.py: the pre-training phase caches the starts the QAT runs then read (same
 cache key from both paths), results land in --results, and a re-invocation skips what is done."""
 
 import json
@@ -10,6 +10,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import gaqat_grid  # noqa: E402
+import binary_bench  # noqa: E402
 
 
 class Captured(Exception):
@@ -100,3 +101,22 @@ def test_grid_resumes_into_results_and_reuses_the_pretrained_start(digits_small,
     capsys.readouterr()
     gaqat_grid.main([*common, "--methods", "lsq", "--no-overhead"])
     assert " s  " not in capsys.readouterr().out  # nothing ran again
+
+
+def test_binary_bench_writes_paired_results_and_skips_them_next_time(digits_small, tmp_path, capsys):
+    common = ["accuracy", "--data", digits_small, "--out", str(tmp_path / "runs"), "--results",
+              str(tmp_path / "results"), "--seeds", "0", "--epochs", "2", "--pretrain-epochs", "0.5",
+              "--batch-size", "64", "--evals", "2", "--workers", "1"]
+    binary_bench.main(common)
+    out = capsys.readouterr().out
+    results = sorted(str(p.relative_to(tmp_path / "results")) for p in (tmp_path / "results").rglob("*.json"))
+    assert results == ["in-distribution/reste-seed0.json", "in-distribution/ste-seed0.json",
+                       "target-mnist_m/reste-seed0.json", "target-mnist_m/ste-seed0.json"]
+    reste = json.loads((tmp_path / "results" / "target-mnist_m" / "reste-seed0.json").read_text())
+    ste = json.loads((tmp_path / "results" / "target-mnist_m" / "ste-seed0.json").read_text())
+    assert reste["estimator"]["o"] == [1.0, 3.0] and ste["estimator"]["o"] == [1.0, 1.0]  # o reaches 3
+    assert reste["full_precision"] == ste["full_precision"]  # the same FP start
+    assert reste["target_domain"] == "mnist_m" and "--method reste" in reste["command"]
+    assert "| in-distribution | source_val_accuracy |" in out
+    binary_bench.main(common)
+    assert "exit 0" not in capsys.readouterr().out  # all four skipped

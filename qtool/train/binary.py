@@ -30,8 +30,10 @@ from qtool.train.methods import Method, register
 
 
 def o_schedule(epoch: int, epochs: int, o_end: float) -> float:
-    """ReSTE's cosine ramp of ``o`` (``main.py`` of the official code)."""
-    return 1.0 + (o_end - 1.0) * (1.0 - math.cos(math.pi / 2 * epoch / max(1, epochs)))
+    """ReSTE's cosine ramp of ``o`` over the epochs 0 .. epochs - 1 (``main.py`` of the official
+    code), ending *at* ``o_end`` in the last epoch: the official ramp divides by ``epochs`` and
+    stops short (2.69 of 3 after 10 epochs), which short runs cannot afford."""
+    return 1.0 + (o_end - 1.0) * (1.0 - math.cos(math.pi / 2 * min(1.0, epoch / max(1, epochs - 1))))
 
 
 @torch.no_grad()
