@@ -11,6 +11,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import gaqat_grid  # noqa: E402
 import binary_bench  # noqa: E402
+import gaqat_disorder  # noqa: E402
 
 
 class Captured(Exception):
@@ -120,3 +121,20 @@ def test_binary_bench_writes_paired_results_and_skips_them_next_time(digits_smal
     assert "| in-distribution | source_val_accuracy |" in out
     binary_bench.main(common)
     assert "exit 0" not in capsys.readouterr().out  # all four skipped
+
+
+def test_disorder_summary_reads_the_grid_results(tmp_path):
+    checks = 6  # disorder falls 0.6 -> 0.1 over the checks; conflict is highest in the lowest layers
+    disorder = [[0.6 - 0.1 * c] * 6 for c in range(checks)]
+    conflict = [[0.5, 0.5, 0.3, 0.3, 0.1, 0.1] for _ in range(checks)]
+    for target in ("mnist", "syn"):
+        path = tmp_path / target / "seed0" / "w3-gaqat.json"
+        path.parent.mkdir(parents=True)
+        path.write_text(json.dumps({"gaqat": {"disorder": disorder, "conflict": conflict, "frozen_fraction": 0.05}}))
+    gaqat_disorder.main(["--results", str(tmp_path)])
+    found = gaqat_disorder.collect(tmp_path)["w3-gaqat"]["syn/seed0"]
+    assert found["disorder_first_third"] == pytest.approx(0.55) and found["disorder_last_third"] == pytest.approx(0.15)
+    assert (found["conflict_lower"], found["conflict_middle"], found["conflict_upper"]) == pytest.approx((0.5, 0.3, 0.1))
+    table = (tmp_path / "disorder.md").read_text()
+    assert "| w3-gaqat | 2 | 0.550 [0.550, 0.550] | 0.150 [0.150, 0.150] |" in table
+    assert (tmp_path / "disorder.png").read_bytes()[:4] == b"\x89PNG"
