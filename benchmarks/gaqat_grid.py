@@ -104,6 +104,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--evals", type=int, default=10, help="model-selection evaluations per phase (the curve's points)")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--no-overhead", action="store_true", help="skip the step-time measurement")
+    parser.add_argument("--summarize", action="store_true",
+                        help="only print the tables of what --results holds (nothing runs)")
     parser.add_argument("--overhead-steps", type=int, default=12, help="timed steps per method and repeat")
     parser.add_argument("--overhead-repeats", type=int, default=5)
     parser.add_argument("--gaqat-option", action="append", default=[], metavar="K=V",
@@ -387,12 +389,11 @@ def collect(args) -> dict[str, dict[tuple[str, int], float]]:
     for path in sorted(root.glob("*/seed*/*.json")):
         report = json.loads(path.read_text())
         name = path.stem
-        if name == PRETRAIN:
-            continue
         key = (report["target_domain"], report["seed"])
+        if name == PRETRAIN:  # the pair's FP start
+            table.setdefault("fp32-sagm-start", {})[key] = 100 * report["target_accuracy"]
+            continue
         table.setdefault(name, {})[key] = 100 * report["target_accuracy"]
-        if name == FP:
-            table.setdefault("fp32-sagm-start", {})[key] = 100 * report["full_precision"]["target_accuracy"]
         if "gaqat" in report:
             table.setdefault(f"{name}:frozen", {})[key] = 100 * report["gaqat"]["frozen_fraction"]
     return table
@@ -406,22 +407,23 @@ def summarize(args, table, grid_seconds: float | None, overhead: dict | None) ->
         runs = table.get(name, {})
         cells = [mean_std([runs[(t, s)] for s in seeds if (t, s) in runs]) for t in targets]
         per_seed = [statistics.fmean(runs[(t, s)] for t in targets) for s in seeds if all((t, s) in runs for t in targets)]
-        label = {"fp32-sagm-start": "FP SAGM (pre-trained start)", FP: "FP SAGM + same steps"}.get(name, name)
+        label = {"fp32-sagm-start": "FP start (the pair's pre-training)", FP: "FP SAGM + same steps"}.get(name, name)
         lines.append(f"| {label} | " + " | ".join(cells) + f" | {mean_std(per_seed)} |")
     lines += ["", "Paired differences in target accuracy (points), per (target, seed); mean and 95% t-interval:", "",
               "| comparison | pairs | mean | 95% interval | per pair |", "|---|---|---|---|---|"]
-    for name in sorted(n for n in table if n.startswith("w") and "gaqat" in n and ":" not in n):
-        bits = name.split("-")[0]
-        for baseline in (f"{bits}-sagm", FP):
-            if baseline == FP and bits != "w4":
-                continue
-            common = [k for k in table[name] if k in table.get(baseline, {})]
-            if not common:
-                continue
-            diffs = [table[name][k] - table[baseline][k] for k in sorted(common)]
-            mean, low, high = t_interval(diffs)
-            lines.append(f"| {name} − {baseline} | {len(diffs)} | {mean:+.2f} | [{low:+.2f}, {high:+.2f}] | "
-                         + " ".join(f"{d:+.1f}" for d in diffs) + " |")
+    comparisons = [(name, baseline) for name in sorted(n for n in table if n.startswith("w") and "gaqat" in n
+                                                       and ":" not in n)
+                   for baseline in (f"{name.split('-')[0]}-sagm", FP) if baseline != FP or name.startswith("w4")]
+    # the paper's premise: how much of full-precision SAGM's accuracy does quantized SAGM lose?
+    comparisons += [(FP, name) for name in sorted(n for n in table if n.startswith("w") and n.endswith("-sagm"))]
+    for name, baseline in comparisons:
+        common = [k for k in table.get(name, {}) if k in table.get(baseline, {})]
+        if not common:
+            continue
+        diffs = [table[name][k] - table[baseline][k] for k in sorted(common)]
+        mean, low, high = t_interval(diffs)
+        lines.append(f"| {name} − {baseline} | {len(diffs)} | {mean:+.2f} | [{low:+.2f}, {high:+.2f}] | "
+                     + " ".join(f"{d:+.1f}" for d in diffs) + " |")
     frozen = {n.split(":")[0]: statistics.fmean(v.values()) for n, v in table.items() if n.endswith(":frozen")}
     if frozen:
         lines += ["", "Mean share of quantizers frozen per check: "
@@ -442,6 +444,9 @@ def main(argv=None) -> None:
     root.mkdir(parents=True, exist_ok=True)
     if args.check_starts:
         sys.exit(0 if check_starts(args) else 1)
+    if args.summarize:
+        print(summarize(args, collect(args), None, None))
+        return
     if args.pretrain_only:
         seconds = run_pretraining(args)
         print(f"pre-training phase: {seconds / 60:.1f} min", flush=True)
