@@ -51,11 +51,26 @@ class FusedBinaryConv2d(nn.Module):
         self.relu_first, self.takes_residual, self.relu_last = relu_first, residual, relu_last
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        if residual is not None and residual.shape != self._output_shape(x):  # a broadcasting add
-            return self._broadcast_add(x, residual)
-        return torch.ops.qtool.binary_conv2d_fused(
-            x, self.weight_bits, self.in_channels, self.kernel_size, self.stride, self.padding, self.dilation,
-            self.scale, self.bias, self.relu_first, self.post_scale, self.post_shift, residual, self.relu_last)
+        # Attribute lookups on a module cost about as much as the op at batch 1: read them once.
+        head, tail = self._arguments or self._gather_arguments()
+        try:
+            return torch.ops.qtool.binary_conv2d_fused(x, *head, residual, *tail)
+        except RuntimeError:
+            if residual is None or residual.shape == self._output_shape(x):
+                raise
+            return self._broadcast_add(x, residual)  # an add that broadcasts: not the op's
+
+    _arguments = None
+
+    def _gather_arguments(self) -> tuple[tuple, tuple]:
+        self._arguments = ((self.weight_bits, self.in_channels, self.kernel_size, self.stride, self.padding,
+                            self.dilation, self.scale, self.bias, self.relu_first, self.post_scale, self.post_shift),
+                           (self.relu_last,))
+        return self._arguments
+
+    def _apply(self, fn, *args, **kwargs):  # .to() / .cuda() replace the buffers
+        self._arguments = None
+        return super()._apply(fn, *args, **kwargs)
 
     def _output_shape(self, x: torch.Tensor) -> torch.Size:
         size = [(x.shape[2 + i] + 2 * self.padding[i] - self.dilation[i] * (self.kernel_size[i] - 1) - 1)
@@ -63,9 +78,8 @@ class FusedBinaryConv2d(nn.Module):
         return torch.Size([x.shape[0], self.weight_bits.shape[0], *size])
 
     def _broadcast_add(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        y = torch.ops.qtool.binary_conv2d_fused(
-            x, self.weight_bits, self.in_channels, self.kernel_size, self.stride, self.padding, self.dilation,
-            self.scale, self.bias, self.relu_first, self.post_scale, self.post_shift, None, False) + residual
+        head, _ = self._arguments or self._gather_arguments()
+        y = torch.ops.qtool.binary_conv2d_fused(x, *head, None, False) + residual
         return torch.relu(y) if self.relu_last else y
 
     def describe(self) -> str:

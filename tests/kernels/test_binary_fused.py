@@ -115,3 +115,26 @@ def test_chains_the_epilogue_cannot_take_stay_in_pytorch(qops):
     x = torch.randn(2, 8, 6, 6)
     with torch.no_grad():
         torch.testing.assert_close(conversion.model(x), model(x), rtol=1e-5, atol=1e-4)
+
+
+def test_a_broadcasting_add_still_computes_the_model(qops):
+    """``conv(x) + bias_map`` with a [N, O, 1, 1] operand: the op takes no broadcast, the module
+    falls back to adding in PyTorch (same result)."""
+    from qtool.lowbit.binary_fused import fuse_binary
+    from qtool.lowbit.runtime import convert
+    from qtool.quant.binary import BinaryConv2d
+
+    class Broadcast(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn = BinaryConv2d(8, 8, 3, 1, 1), nn.BatchNorm2d(8)
+
+        def forward(self, x):
+            return torch.relu(self.bn(self.conv(x)) + x.mean((2, 3), keepdim=True))
+
+    model = Broadcast().eval()
+    conversion = fuse_binary(convert(model))
+    assert conversion.converted == {"conv": "binary + bn, add, relu"}
+    x = torch.randn(2, 8, 6, 6)
+    with torch.no_grad():
+        torch.testing.assert_close(conversion.model(x), model(x), rtol=1e-5, atol=1e-5)
