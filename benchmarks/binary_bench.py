@@ -9,8 +9,8 @@ full-precision step time.
     # training step time, ReSTE binary vs FP resnet20, interleaved in one process
     python benchmarks/binary_bench.py steptime --threads 1 --json runs/binary-bench/steptime.json
 
-``accuracy`` runs ``qtool quantize`` commands, pairs (same setting and seed) in order of seed, so
-that a run stopped part-way leaves whole paired comparisons. Resumable into the repository:
+``accuracy`` runs ``qtool quantize`` commands, pairs (same setting and seed) one setting at a
+time, so that a run stopped part-way leaves whole paired comparisons. Resumable into the repository:
 each finished run writes a compact report (accuracies, convergence curves, ReSTE's indicators
 per epoch) to ``--results/<setting>/<method>-seed<N>.json`` and is skipped next time; a killed
 run continues from its checkpoint. Then it prints the mean +- std table.
@@ -77,8 +77,9 @@ def run_chain(args, setting: str, seed: int) -> None:
 
 
 def accuracy(args) -> None:
-    settings = [f"target-{args.target}", "in-distribution"]  # the first reuses the GAQAT grid's FP starts
-    chains = [(setting, seed) for seed in args.seeds for setting in settings]
+    # leave-one-out first: it reuses the GAQAT grid's FP starts, so its 3 seeds finish first
+    settings = [f"target-{args.target}", "in-distribution"]
+    chains = [(setting, seed) for setting in settings for seed in args.seeds]
     with ThreadPoolExecutor(args.workers) as pool:
         list(pool.map(lambda chain: run_chain(args, *chain), chains))
     summary = summarize(args, settings)
