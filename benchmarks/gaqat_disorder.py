@@ -70,24 +70,14 @@ def markdown(found: dict[str, dict[str, dict]]) -> str:
 
 
 def plot(found: dict[str, dict[str, dict]], path: Path) -> None:
-    import matplotlib
+    from qtool.plots import Panel, write_panels
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    def lines(key: str) -> dict[str, tuple[list, list]]:
+        return {f"{name} {pair}": (list(range(len(r[key]))), r[key])
+                for name, runs in sorted(found.items()) for pair, r in sorted(runs.items())}
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
-    for name, runs in sorted(found.items()):
-        for i, (pair, r) in enumerate(sorted(runs.items())):
-            label = name if i == 0 else None
-            axes[0].plot(r["disorder_curve"], alpha=0.6, label=label, color=f"C{sorted(found).index(name)}")
-            axes[1].plot(r["conflict_curve"], alpha=0.6, label=label, color=f"C{sorted(found).index(name)}")
-    axes[0].set(title="disorder of g_task (median over quantizers)", xlabel="check", ylabel="disorder")
-    axes[1].set(title="task/smooth sign conflict (median)", xlabel="check", ylabel="conflict share")
-    axes[0].legend(fontsize=7)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    write_panels(path, [Panel("disorder of g_task (median over quantizers)", "disorder", lines("disorder_curve"), "check"),
+                        Panel("task/smooth sign conflict (median)", "conflict share", lines("conflict_curve"), "check")])
 
 
 def main(argv=None) -> None:

@@ -438,6 +438,23 @@ def summarize(args, table, grid_seconds: float | None, overhead: dict | None) ->
     return "\n".join(lines)
 
 
+def write_curves(args, path: Path):
+    """One panel per run name: the QAT source-validation curve of every (target, seed) pair, so the
+    tables' convergence can be seen (the verdicts are in each result's ``convergence``)."""
+    from qtool.plots import Panel, write_panels
+
+    runs: dict[str, dict[str, tuple[list, list]]] = {}
+    for result in sorted(Path(args.results).glob("*/seed*/*.json")):
+        curve = json.loads(result.read_text()).get("convergence", {}).get("qat", {}).get("curve")
+        if curve:
+            label = f"{result.parent.parent.name}/{result.parent.name}"
+            runs.setdefault(result.stem, {})[label] = ([p["step"] for p in curve], [100 * p["val"] for p in curve])
+    if not runs:
+        return None
+    return write_panels(path, [Panel(name, "source-validation accuracy (%)", lines) for name, lines in sorted(runs.items())],
+                        title="QAT model-selection curves (per target/seed)")
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     root = Path(args.out)
@@ -446,6 +463,7 @@ def main(argv=None) -> None:
         sys.exit(0 if check_starts(args) else 1)
     if args.summarize:
         print(summarize(args, collect(args), None, None))
+        print(f"curves: {write_curves(args, Path(args.results) / 'curves.png')}")
         return
     if args.pretrain_only:
         seconds = run_pretraining(args)
