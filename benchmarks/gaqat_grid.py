@@ -394,6 +394,9 @@ def collect(args) -> dict[str, dict[tuple[str, int], float]]:
             table.setdefault("fp32-sagm-start", {})[key] = 100 * report["target_accuracy"]
             continue
         table.setdefault(name, {})[key] = 100 * report["target_accuracy"]
+        verdict = report.get("convergence", {}).get("qat", {}).get("converged")
+        if verdict is not None:
+            table.setdefault(f"{name}:converged", {})[key] = float(verdict)
         if "gaqat" in report:
             table.setdefault(f"{name}:frozen", {})[key] = 100 * report["gaqat"]["frozen_fraction"]
     return table
@@ -424,6 +427,10 @@ def summarize(args, table, grid_seconds: float | None, overhead: dict | None) ->
         mean, low, high = t_interval(diffs)
         lines.append(f"| {name} − {baseline} | {len(diffs)} | {mean:+.2f} | [{low:+.2f}, {high:+.2f}] | "
                      + " ".join(f"{d:+.1f}" for d in diffs) + " |")
+    converged = {n.split(":")[0]: v for n, v in table.items() if n.endswith(":converged")}
+    if converged:
+        lines += ["", "QAT phases converged by the rule (last third gains < 0.5 points): "
+                  + ", ".join(f"{n} {int(sum(v.values()))}/{len(v)}" for n, v in sorted(converged.items()))]
     frozen = {n.split(":")[0]: statistics.fmean(v.values()) for n, v in table.items() if n.endswith(":frozen")}
     if frozen:
         lines += ["", "Mean share of quantizers frozen per check: "
