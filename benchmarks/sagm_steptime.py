@@ -73,7 +73,7 @@ def main(argv=None) -> None:
     compile_s, compile_error = None, None
     if not args.no_compile:
         compiled_model = copy.deepcopy(cl)
-        compiled = torch.compile(compiled_model)
+        compiled = torch.compile(compiled_model, dynamic=False)  # LSQ gradient scales are Python numbers of the shapes
         step = stepper(compiled_model, "sagm", last, labels, forward=compiled)
         start = time.perf_counter()
         try:
