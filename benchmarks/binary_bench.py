@@ -80,8 +80,9 @@ def accuracy(args) -> None:
     # leave-one-out first: it reuses the GAQAT grid's FP starts, so its 3 seeds finish first
     settings = [f"target-{args.target}", "in-distribution"]
     chains = [(setting, seed) for setting in settings for seed in args.seeds]
-    with ThreadPoolExecutor(args.workers) as pool:
-        list(pool.map(lambda chain: run_chain(args, *chain), chains))
+    if not args.summarize:
+        with ThreadPoolExecutor(args.workers) as pool:
+            list(pool.map(lambda chain: run_chain(args, *chain), chains))
     summary = summarize(args, settings)
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -121,11 +122,15 @@ def summarize(args, settings: list[str]) -> dict:
 
 def print_summary(summary: dict) -> None:
     pct = lambda s: f"{100 * s['mean']:.2f} ± {100 * s['std']:.2f}"  # noqa: E731
-    print("| setting | metric | FP start | STE | ReSTE | ReSTE − STE (paired) |")
-    print("|---|---|---|---|---|---|")
+    print("| setting | seeds | metric | FP start | STE | ReSTE | ReSTE − STE (paired) | source-val STE / ReSTE | "
+          "converged STE / ReSTE |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for setting, row in summary.items():
-        print(f"| {setting} | {row['metric']} | {pct(row['full_precision'])} | {pct(row['ste']['accuracy'])} | "
-              f"{pct(row['reste']['accuracy'])} | {pct(row['reste_minus_ste'])} |")
+        verdicts = " / ".join(f"{sum(1 for v in row[m]['converged'] if v)}/{len(row[m]['converged'])}"
+                              for m in ("ste", "reste"))
+        print(f"| {setting} | {len(row['seeds'])} | {row['metric']} | {pct(row['full_precision'])} | "
+              f"{pct(row['ste']['accuracy'])} | {pct(row['reste']['accuracy'])} | {pct(row['reste_minus_ste'])} | "
+              f"{pct(row['ste']['source_val_accuracy'])} / {pct(row['reste']['source_val_accuracy'])} | {verdicts} |")
 
 
 def steptime(args) -> None:
@@ -182,6 +187,7 @@ def main(argv=None) -> None:
     run.add_argument("--lr", type=float, default=3e-3)
     run.add_argument("--evals", type=int, default=10, help="model-selection evaluations per phase (the curve's points)")
     run.add_argument("--workers", type=int, default=2)
+    run.add_argument("--summarize", action="store_true", help="only print the table of what --results holds")
     timing = commands.add_parser("steptime", help="binary vs FP training step time")
     timing.add_argument("--threads", type=int, default=1)
     timing.add_argument("--batch", type=int, default=128)

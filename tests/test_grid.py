@@ -118,7 +118,7 @@ def test_binary_bench_writes_paired_results_and_skips_them_next_time(digits_smal
     assert reste["estimator"]["o"] == [1.0, 3.0] and ste["estimator"]["o"] == [1.0, 1.0]  # o reaches 3
     assert reste["full_precision"] == ste["full_precision"]  # the same FP start
     assert reste["target_domain"] == "mnist_m" and "--method reste" in reste["command"]
-    assert "| in-distribution | source_val_accuracy |" in out
+    assert "| in-distribution | 1 | source_val_accuracy |" in out
     binary_bench.main(common)
     assert "exit 0" not in capsys.readouterr().out  # all four skipped
 
