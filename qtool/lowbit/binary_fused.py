@@ -28,7 +28,7 @@ from qtool.lowbit.runtime import Conversion, KernelBinaryConv2d
 from qtool.quant.binary import ReLUBatchNorm2d
 
 RELUS = (F.relu, torch.relu)
-ADDS = (operator.add, torch.add)
+ADDS = (operator.add, operator.iadd, torch.add)  # `out += shortcut` (torchvision blocks) too
 
 # Where a node may join the epilogue: positions after the conv, in the op's order.
 AFTER_CONV, AFTER_RELU, AFTER_BN, AFTER_ADD, AFTER_LAST_RELU = range(5)

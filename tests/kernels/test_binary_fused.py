@@ -138,3 +138,28 @@ def test_a_broadcasting_add_still_computes_the_model(qops):
     x = torch.randn(2, 8, 6, 6)
     with torch.no_grad():
         torch.testing.assert_close(conversion.model(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_an_in_place_residual_add_fuses_too(qops):
+    """torchvision's blocks write ``out += identity``; fx records operator.iadd."""
+    from qtool.lowbit.binary_fused import fuse_binary
+    from qtool.lowbit.runtime import convert
+    from qtool.quant.binary import BinaryConv2d
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn = BinaryConv2d(8, 8, 3, 1, 1), nn.BatchNorm2d(8)
+
+        def forward(self, x):
+            out = self.bn(self.conv(x))
+            out += x
+            return torch.relu(out)
+
+    model = Block().eval()
+    model.bn.running_mean.uniform_(-1, 1)
+    conversion = fuse_binary(convert(model))
+    assert conversion.converted == {"conv": "binary + bn, add, relu"}
+    x = torch.randn(2, 8, 6, 6)
+    with torch.no_grad():
+        torch.testing.assert_close(conversion.model(x), model(x), rtol=1e-5, atol=1e-5)
