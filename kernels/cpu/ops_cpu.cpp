@@ -296,11 +296,22 @@ void BinaryEpilogue::apply(float* out, int64_t m0, int64_t rows, int64_t O) cons
   binary_epilogue(*this, out, m0, rows, O);
 }
 
+// `residual` (the epilogue's add, any layout) is checked against the output geometry here.
 Tensor binary_conv2d_impl(const char* op, const Tensor& x, const Tensor& w, int64_t in_channels,
                           at::IntArrayRef kernel_size, at::IntArrayRef stride, at::IntArrayRef padding,
-                          at::IntArrayRef dilation, const std::optional<Tensor>& scale, const BinaryEpilogue& ep) {
+                          at::IntArrayRef dilation, const std::optional<Tensor>& scale, BinaryEpilogue ep,
+                          const std::optional<Tensor>& residual = std::nullopt) {
   const ConvGeometry g = checks::conv(x, w, in_channels, kernel_size, stride, padding, dilation);
   const int64_t scale_stride = checks::scale(scale, g.O, op);
+  Tensor residual_cl;
+  if (residual.has_value()) {
+    TORCH_CHECK(residual->dim() == 4 && residual->size(0) == g.N && residual->size(1) == g.O &&
+                    residual->size(2) == g.OH && residual->size(3) == g.OW,
+                op, ": residual must be [", g.N, ", ", g.O, ", ", g.OH, ", ", g.OW, "], got ", residual->sizes());
+    TORCH_CHECK(residual->device() == x.device(), op, ": residual must be on the input's device");
+    residual_cl = residual->to(at::kFloat).contiguous(at::MemoryFormat::ChannelsLast);
+    ep.residual = residual_cl.data_ptr<float>();
+  }
   Tensor out = at::empty({g.N, g.O, g.OH, g.OW}, x.options().dtype(at::kFloat).memory_format(at::MemoryFormat::ChannelsLast));
   if (g.N == 0 || g.O == 0) return out;
 
@@ -387,16 +398,7 @@ Tensor binary_conv2d_fused(const Tensor& x, const Tensor& w, int64_t in_channels
   ep.post_scale = channel_vector(post_scale, O, "post_scale", keep);
   ep.post_shift = channel_vector(post_shift, O, "post_shift", keep);
   ep.relu_last = relu_last;
-  if (residual.has_value()) {
-    const ConvGeometry g = checks::conv(x, w, in_channels, kernel_size, stride, padding, dilation);
-    TORCH_CHECK(residual->dim() == 4 && residual->size(0) == g.N && residual->size(1) == O &&
-                    residual->size(2) == g.OH && residual->size(3) == g.OW,
-                op, ": residual must be [", g.N, ", ", O, ", ", g.OH, ", ", g.OW, "], got ", residual->sizes());
-    TORCH_CHECK(residual->device() == x.device(), op, ": residual must be on the input's device");
-    keep.push_back(residual->to(at::kFloat).contiguous(at::MemoryFormat::ChannelsLast));
-    ep.residual = keep.back().data_ptr<float>();
-  }
-  return binary_conv2d_impl(op, x, w, in_channels, kernel_size, stride, padding, dilation, scale, ep);
+  return binary_conv2d_impl(op, x, w, in_channels, kernel_size, stride, padding, dilation, scale, ep, residual);
 }
 
 std::string cpu_isa() { return cpu::kernels().name; }

@@ -24,6 +24,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
+from qtool.lowbit.ops import conv_output_shape
 from qtool.lowbit.runtime import Conversion, KernelBinaryConv2d
 from qtool.quant.binary import ReLUBatchNorm2d
 
@@ -56,7 +57,8 @@ class FusedBinaryConv2d(nn.Module):
         try:
             return torch.ops.qtool.binary_conv2d_fused(x, *head, residual, *tail)
         except RuntimeError:
-            if residual is None or residual.shape == self._output_shape(x):
+            if residual is None or residual.shape == conv_output_shape(
+                    x, self.weight_bits, self.kernel_size, self.stride, self.padding, self.dilation):
                 raise
             return self._broadcast_add(x, residual)  # an add that broadcasts: not the op's
 
@@ -71,11 +73,6 @@ class FusedBinaryConv2d(nn.Module):
     def _apply(self, fn, *args, **kwargs):  # .to() / .cuda() replace the buffers
         self._arguments = None
         return super()._apply(fn, *args, **kwargs)
-
-    def _output_shape(self, x: torch.Tensor) -> torch.Size:
-        size = [(x.shape[2 + i] + 2 * self.padding[i] - self.dilation[i] * (self.kernel_size[i] - 1) - 1)
-                // self.stride[i] + 1 for i in range(2)]
-        return torch.Size([x.shape[0], self.weight_bits.shape[0], *size])
 
     def _broadcast_add(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         head, _ = self._arguments or self._gather_arguments()

@@ -40,11 +40,16 @@ def _blocks(K):
     return -(-K // 64)
 
 
-def _conv_output(x, w, kernel_size, stride, padding, dilation) -> torch.Tensor:
+def conv_output_shape(x, w, kernel_size, stride, padding, dilation) -> torch.Size:
+    """[N, O, OH, OW] of a binary conv of ``x`` [N, C, H, W] with packed weights ``w`` [O, ...]."""
     size = [(x.shape[2 + i] + 2 * padding[i] - dilation[i] * (kernel_size[i] - 1) - 1) // stride[i] + 1
             for i in range(2)]
-    return torch.empty((x.shape[0], w.shape[0], *size), dtype=torch.float32, device=x.device,
-                       memory_format=torch.channels_last)
+    return torch.Size([x.shape[0], w.shape[0], *size])
+
+
+def _conv_output(x, w, kernel_size, stride, padding, dilation) -> torch.Tensor:
+    return torch.empty(conv_output_shape(x, w, kernel_size, stride, padding, dilation), dtype=torch.float32,
+                       device=x.device, memory_format=torch.channels_last)
 
 
 def _register_fakes() -> None:
