@@ -134,16 +134,14 @@ def variants(args) -> dict[str, list[str]]:
 
 def plan(args) -> list[Job]:
     """Every job, most informative first, so that a grid stopped part-way (it takes days on two
-    cores) leaves whole paired comparisons over all (target, seed) pairs: at the lowest bit width
-    GAQAT and SAGM, then the GAQAT variants (the rule to keep); the same at the next bit width;
-    then FP SAGM with the same steps, then LSQ."""
+    cores) leaves whole paired comparisons over all (target, seed) pairs: GAQAT and SAGM at each
+    bit width (lowest first), then FP SAGM with the same steps (the bar's reference), then the
+    GAQAT variants (the rule to keep), then LSQ."""
     extra = variants(args)
     methods = list(dict.fromkeys([*args.methods, *extra]))
-    stages = []
-    for bits in sorted(args.bits):
-        stages.append([(bits, m) for m in ("sagm", "gaqat") if m in methods])
-        stages.append([(bits, m) for m in extra])
+    stages = [[(bits, m) for m in ("sagm", "gaqat") if m in methods] for bits in sorted(args.bits)]
     stages.append([(32, FP)])
+    stages += [[(bits, m) for m in extra] for bits in sorted(args.bits)]
     stages.append([(bits, m) for bits in sorted(args.bits) for m in methods if m not in ("sagm", "gaqat", *extra)])
     jobs = []
     for stage in stages:

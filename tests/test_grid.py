@@ -53,9 +53,10 @@ def test_plan_runs_the_paired_gaqat_sagm_comparisons_first():
     names = [job.name for job in jobs]
     assert len(jobs) == len({(j.target, j.seed, j.name) for j in jobs}) == 9 * 9  # 9 pairs x 9 runs
     assert names[:2] == ["w3-sagm", "w3-gaqat"] and (jobs[0].target, jobs[0].seed) == (jobs[1].target, jobs[1].seed)
-    assert set(names[:18]) == {"w3-sagm", "w3-gaqat"} and set(names[18:27]) == {"w3-gaqat-layer"}
-    assert set(names[27:45]) == {"w4-sagm", "w4-gaqat"} and set(names[45:54]) == {"w4-gaqat-layer"}
-    assert set(names[54:63]) == {"fp32-sagm"} and set(names[63:]) == {"w3-lsq", "w4-lsq"}
+    assert set(names[:18]) == {"w3-sagm", "w3-gaqat"} and set(names[18:36]) == {"w4-sagm", "w4-gaqat"}
+    assert set(names[36:45]) == {"fp32-sagm"}
+    assert set(names[45:54]) == {"w3-gaqat-layer"} and set(names[54:63]) == {"w4-gaqat-layer"}
+    assert set(names[63:]) == {"w3-lsq", "w4-lsq"}
     layer = next(job for job in jobs if job.name == "w3-gaqat-layer")
     assert layer.method == "gaqat" and layer.options == ["freeze=layer"] and layer.bits == 3
 
