@@ -21,6 +21,7 @@ from torch import nn
 
 from qtool.errors import QtoolError
 from qtool.exporters.ir import Grid, Op, Weights
+from qtool.quant.integer import IntegerAdd
 
 
 class ExportError(QtoolError):
@@ -149,6 +150,12 @@ def groupnorm(gn, ctx):
 @module_adapter(nn.ReLU)
 def relu(module, ctx):
     return [Op("relu", ctx.inputs, ctx.output, ctx.layer)]
+
+
+@module_adapter(IntegerAdd)
+def integer_add(module, ctx):
+    # operands in the model's order: QLinearAdd's first input is IntegerAdd's ``a``
+    return [Op("add", ctx.inputs, ctx.output, ctx.layer)]
 
 
 @module_adapter(nn.ReLU6, nn.Hardtanh)

@@ -26,8 +26,8 @@ TORCH_LIBRARY(qtool, m) {
   // qtool/lowbit/fused_reference.py): input codes -> GEMM -> bias, unit (or the requantization
   // multiplier), clamp, requantization, optional residual add -> the next quantizer's codes (or
   // float32 when out_step == 0).
-  m.def("fused_conv2d(Tensor x, Tensor w, Tensor bias, Tensor unit, Tensor? multiplier, int bits, int[2] kernel_size, int[2] stride, int[2] padding, int[2] dilation, float[] clamp, float out_step, int[] out_range, Tensor? residual, float residual_step, float[] add_clamp, float add_step, int[] add_range) -> Tensor");
-  m.def("fused_linear(Tensor x, Tensor w, Tensor bias, Tensor unit, Tensor? multiplier, int bits, float[] clamp, float out_step, int[] out_range, Tensor? residual, float residual_step, float[] add_clamp, float add_step, int[] add_range) -> Tensor");
+  m.def("fused_conv2d(Tensor x, Tensor w, Tensor bias, Tensor unit, Tensor? multiplier, int bits, int[2] kernel_size, int[2] stride, int[2] padding, int[2] dilation, float[] clamp, float out_step, int[] out_range, Tensor? residual, float residual_step, float[] add_clamp, float add_step, int[] add_range, bool residual_first=False) -> Tensor");
+  m.def("fused_linear(Tensor x, Tensor w, Tensor bias, Tensor unit, Tensor? multiplier, int bits, float[] clamp, float out_step, int[] out_range, Tensor? residual, float residual_step, float[] add_clamp, float add_step, int[] add_range, bool residual_first=False) -> Tensor");
   // Training ops: the forward takes every input its backward needs (register_autograd sees only
   // the forward's inputs), hence grad_factor and o, t, m, which the forward itself ignores.
   m.def("lsq_fake_quant(Tensor x, Tensor scale, float qmin, float qmax, float grad_factor) -> Tensor");

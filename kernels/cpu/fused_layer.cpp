@@ -8,17 +8,20 @@
 //     float32(unit[n] / out_step)):  y = rint(T * multiplier[n]) * out_step
 //   y   = clamp(y, clamp[0], clamp[1])                          ReLU / ReLU6 / Hardtanh after the layer
 //   q   = rint(clamp(y / out_step, out_range))                  the tensor quantizer after it
-// and, with residual codes r (the other operand of an add):
-//   z   = clamp(q * out_step + r * residual_step, add_clamp)    two float32 products, their sum
+// and, with residual codes r (the other operand of an add), the add as onnxruntime's QLinearAdd
+// computes it on uint8-container codes (signed grids offset by 128: za, zr, zc), a its first
+// operand (q + za, or r + zr with residual_first), b the other:
+//   u   = rint(fma(a, ra, fma(b, rb, fixed)))  clamped to [0, 255]   ra = float32(step_a / add_step),
+//         fixed = zc - (ra * za + rb * zb); each fma a float64 multiply-add rounded to float32
+//   z   = clamp((u - zc) * add_step, add_clamp)                  the model's IntegerAdd, then a clamp
 //   q   = rint(clamp(z / add_step, add_range))                  the quantizer after the add
 // out_step == 0 returns y as float32 (the logits). rint is round half to even. Each float step is
 // one IEEE operation in the order of the graph-prepared model's eval forward
 // (qtool.quant.integer.deployed_output: the codes summed exactly, converted to float32, times
 // unit, or requantized with the multiplier when the graph passes the layer its output step), then
-// LSQ's x / s, clamp, round and the add of two fake-quantized tensors, so the op gives the model's
-// codes and logits bit for bit. The reference (qtool/lowbit/fused_reference.py) computes the same
-// numbers. FP contraction is off in this file: a fused multiply-add in the residual sum would
-// round once instead of three times.
+// LSQ's x / s, clamp, round and the add (qtool.quant.integer.IntegerAdd), so the op gives the
+// model's codes and logits bit for bit. The reference (qtool/lowbit/fused_reference.py) computes
+// the same numbers. FP contraction is off in this file: every multiply-add rounds as written.
 //
 // Codes: int8 for a signed grid, uint8 for an unsigned one (every LSQ grid up to 8 bits).
 // Two GEMMs, both exact in int32:
@@ -88,7 +91,9 @@ struct Epilogue {
   bool float_out;        // return y
   float s1, q1lo, q1hi;  // quantizer after the layer
   bool residual;
-  float sr;              // residual codes' step
+  bool residual_first;   // the residual is QLinearAdd's first operand
+  float zq, zr, zc;      // container zero points: the layer's codes, the residual's, the sum's
+  float ra, rb, fixed;   // QLinearAdd's constants (a: the first operand)
   float lo2, hi2;        // clamp after the add
   float s2, q2lo, q2hi;  // quantizer after the add
 };
@@ -117,13 +122,21 @@ QTOOL_INLINE float acc_plus_bias(Acc a, int32_t b) {
 // follow allow (|codes| <= 255), so clamping it there first changes no result.
 QTOOL_INLINE float rint_any(float v) { return round_half_even(clampf(v, -4194304.0f, 4194304.0f)); }
 
+// fma(a, b, c) of float32 values: exact in float64 for an 8-bit code times a float32 ratio plus a
+// float32 addend of a similar scale (qtool.quant.integer.qlinear_add_codes), then rounded once.
+QTOOL_INLINE float fma_f32(float a, float b, float c) {
+  return static_cast<float>(static_cast<double>(a) * static_cast<double>(b) + static_cast<double>(c));
+}
+
 // `count` outputs laid out as rows of N channels, bias and unit (or multiplier) tiled to the same
 // length: one flat loop, vectorized whatever N is.
 template <typename Acc, typename Res, typename Out, bool RES, bool FLOAT_OUT, bool MULT>
 QTOOL_INLINE void epilogue_flat(const Acc* acc, const int32_t* bias, const float* unit, int64_t count,
                                 const Epilogue& e, const Res* res, Out* out) {
   const float lo = e.lo, hi = e.hi, s1 = e.s1, q1lo = e.q1lo, q1hi = e.q1hi;
-  const float sr = e.sr, lo2 = e.lo2, hi2 = e.hi2, s2 = e.s2, q2lo = e.q2lo, q2hi = e.q2hi;
+  const float lo2 = e.lo2, hi2 = e.hi2, s2 = e.s2, q2lo = e.q2lo, q2hi = e.q2hi;
+  const float zq = e.zq, zr = e.zr, zc = e.zc, ra = e.ra, rb = e.rb, fixed = e.fixed;
+  const bool first = e.residual_first;
 #pragma omp simd
   for (int64_t i = 0; i < count; ++i) {
     const float t = acc_plus_bias(acc[i], bias[i]);
@@ -138,9 +151,10 @@ QTOOL_INLINE void epilogue_flat(const Acc* acc, const int32_t* bias, const float
     } else {
       float q = round_half_even(clampf(y / s1, q1lo, q1hi));
       if constexpr (RES) {
-        const float a = q * s1;
-        const float b = static_cast<float>(res[i]) * sr;
-        q = round_half_even(clampf(clampf(a + b, lo2, hi2) / s2, q2lo, q2hi));
+        const float mine = q + zq, other = static_cast<float>(res[i]) + zr;
+        const float a = first ? other : mine, b = first ? mine : other;
+        const float u = clampf(rint_any(fma_f32(a, ra, fma_f32(b, rb, fixed))), 0.0f, 255.0f);
+        q = round_half_even(clampf(clampf((u - zc) * s2, lo2, hi2) / s2, q2lo, q2hi));
       }
       out[i] = static_cast<Out>(static_cast<int32_t>(q));
     }
@@ -435,7 +449,8 @@ struct Request {
 
 Request make_epilogue(bool multiplier, at::ArrayRef<double> clamp, double out_step, at::IntArrayRef out_range,
                       bool has_res, double residual_step, at::ArrayRef<double> add_clamp, double add_step,
-                      at::IntArrayRef add_range, const char* op) {
+                      at::IntArrayRef add_range, bool residual_first, at::ScalarType residual_type,
+                      const char* op) {
   TORCH_CHECK(clamp.size() == 2 && clamp[0] <= clamp[1], op, ": clamp takes two bounds, lo <= hi, got ", clamp);
   TORCH_CHECK(out_step >= 0 && std::isfinite(out_step), op, ": out_step must be positive (codes) or 0 (float output)");
   Epilogue e{};
@@ -460,7 +475,18 @@ Request make_epilogue(bool multiplier, at::ArrayRef<double> clamp, double out_st
     TORCH_CHECK(add_clamp.size() == 2 && add_clamp[0] <= add_clamp[1], op, ": add_clamp takes two bounds, lo <= hi");
     TORCH_CHECK(add_range.size() == 2 && add_range[0] <= add_range[1], op, ": add_range takes [qmin, qmax]");
     out_type = codes_dtype(add_range[0], add_range[1], op, "add_range");
-    e.sr = as_float(residual_step);
+    // QLinearAdd's constants, each one float32 operation as MLAS computes them
+    e.residual_first = residual_first;
+    e.zq = out_range[0] < 0 ? 128.0f : 0.0f;
+    e.zr = residual_type == at::kChar ? 128.0f : 0.0f;
+    e.zc = add_range[0] < 0 ? 128.0f : 0.0f;
+    const float s2 = as_float(add_step);
+    const float r_layer = as_float(out_step) / s2, r_residual = as_float(residual_step) / s2;
+    e.ra = residual_first ? r_residual : r_layer;
+    e.rb = residual_first ? r_layer : r_residual;
+    const float za = residual_first ? e.zr : e.zq, zb = residual_first ? e.zq : e.zr;
+    const float weighted_a = e.ra * za, weighted_b = e.rb * zb;
+    e.fixed = e.zc - (weighted_a + weighted_b);
     e.lo2 = as_float(add_clamp[0]);
     e.hi2 = as_float(add_clamp[1]);
     e.s2 = as_float(add_step);
@@ -677,7 +703,7 @@ Tensor fused_conv2d(const Tensor& x, const Tensor& w, const Tensor& bias, const 
                     at::IntArrayRef kernel_size, at::IntArrayRef stride, at::IntArrayRef padding,
                     at::IntArrayRef dilation, at::ArrayRef<double> clamp, double out_step, at::IntArrayRef out_range,
                     const std::optional<Tensor>& residual, double residual_step, at::ArrayRef<double> add_clamp,
-                    double add_step, at::IntArrayRef add_range) {
+                    double add_step, at::IntArrayRef add_range, bool residual_first) {
   const char* op = "fused_conv2d";
   TORCH_CHECK(x.dim() == 4, op, ": x must be [N, C, H, W] codes, got ", x.sizes());
   check_codes(x, bits, op);
@@ -697,7 +723,8 @@ Tensor fused_conv2d(const Tensor& x, const Tensor& w, const Tensor& bias, const 
   const int64_t K = g.C * g.kh * g.kw;
   const int64_t O = check_params(w, bias, unit, multiplier, bits, K, op);
   const Request req = make_epilogue(multiplier.has_value(), clamp, out_step, out_range, residual.has_value(),
-                                    residual_step, add_clamp, add_step, add_range, op);
+                                    residual_step, add_clamp, add_step, add_range, residual_first,
+                                    residual.has_value() ? residual->scalar_type() : at::kByte, op);
   const Tensor res = residual_codes(residual, {g.N, O, g.OH, g.OW}, true, op);
   Tensor out = at::empty({g.N, O, g.OH, g.OW},
                          x.options().dtype(req.out_type).memory_format(at::MemoryFormat::ChannelsLast));
@@ -751,14 +778,15 @@ Tensor fused_linear(const Tensor& x, const Tensor& w, const Tensor& bias, const 
                     const std::optional<Tensor>& multiplier, int64_t bits,
                     at::ArrayRef<double> clamp, double out_step, at::IntArrayRef out_range,
                     const std::optional<Tensor>& residual, double residual_step, at::ArrayRef<double> add_clamp,
-                    double add_step, at::IntArrayRef add_range) {
+                    double add_step, at::IntArrayRef add_range, bool residual_first) {
   const char* op = "fused_linear";
   TORCH_CHECK(x.dim() == 2, op, ": x must be [M, K] codes, got ", x.sizes());
   check_codes(x, bits, op);
   const int64_t M = x.size(0), K = x.size(1);
   const int64_t O = check_params(w, bias, unit, multiplier, bits, K, op);
   const Request req = make_epilogue(multiplier.has_value(), clamp, out_step, out_range, residual.has_value(),
-                                    residual_step, add_clamp, add_step, add_range, op);
+                                    residual_step, add_clamp, add_step, add_range, residual_first,
+                                    residual.has_value() ? residual->scalar_type() : at::kByte, op);
   const Tensor res = residual_codes(residual, {M, O}, false, op);
   Tensor out = at::empty({M, O}, x.options().dtype(req.out_type));
   if (M == 0 || O == 0) return out;

@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qtool.lowbit import fused_reference, ops
-from qtool.quant.integer import integer_layer
+from qtool.quant.integer import IntegerAdd, integer_layer
 from qtool.quant.layers import QuantConv2d, QuantizedLayer, QuantLinear
 from qtool.quant.lsq import LSQQuantizer
 
@@ -126,8 +126,6 @@ _MOVEMENT_FUNCTIONS = {torch.flatten, torch.reshape, torch.transpose, torch.perm
 _MOVEMENT_METHODS = {"view", "reshape", "flatten", "permute", "transpose", "contiguous", "squeeze", "unsqueeze",
                      "chunk", "split"}
 _SHAPE_METHODS = {"size", "dim", "numel"}
-_ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add}
-_ADD_METHODS = {"add", "add_"}
 _CAT_FUNCTIONS = {torch.cat, torch.concat}
 _MAX_POOL_FUNCTIONS = {F.max_pool2d, torch.max_pool2d}
 
@@ -230,10 +228,8 @@ class _Fuser:
         return None
 
     def is_add(self, node: fx.Node) -> bool:
-        if len(node.args) != 2 or node.kwargs or not all(isinstance(a, fx.Node) for a in node.args):
-            return False
-        return (node.op == "call_function" and node.target in _ADD_FUNCTIONS) or \
-            (node.op == "call_method" and node.target in _ADD_METHODS)
+        """An add of two code tensors into a quantizer (``qtool.quant.graph`` made it an IntegerAdd)."""
+        return isinstance(self.module(node), IntegerAdd) and len(node.args) == 2
 
     @staticmethod
     def only_user(node: fx.Node) -> fx.Node | None:
@@ -424,7 +420,7 @@ class _Fuser:
                 return "its output step is not that of the quantizer after it"
             out = self.module(q1).scale.detach().abs().float().reshape(())
             multiplier = unit.float() / out
-        epilogue = [list(clamp), 0.0, [0, 0], None, 0.0, list(fused_reference.NO_CLAMP), 0.0, [0, 0]]
+        epilogue = [list(clamp), 0.0, [0, 0], None, 0.0, list(fused_reference.NO_CLAMP), 0.0, [0, 0], False]
         parts = [f"int{bits} packed" if bits != 8 else "int8 lanes",
                  "conv" if isinstance(layer, QuantConv2d) else "linear"]
         if clamp != fused_reference.NO_CLAMP:
@@ -442,7 +438,9 @@ class _Fuser:
                 add, other, add_end, add_clamp, q2 = residual
                 quantizer2 = self.module(q2)
                 step2 = float(quantizer2.scale.detach().float().reshape(()))
-                epilogue[3:] = [other.node, other.step, list(add_clamp), step2, [quantizer2.qmin, quantizer2.qmax]]
+                residual_first = add.args[0] is not q1  # QLinearAdd's operand order is the model's
+                epilogue[3:] = [other.node, other.step, list(add_clamp), step2, [quantizer2.qmin, quantizer2.qmax],
+                                residual_first]
                 consumed += [add] + ([add_end] if add_end is not add else []) + [q2]
                 out_name, out_quantizer, last = q2.target, quantizer2, q2
                 parts.append(f"+ {other.name}")

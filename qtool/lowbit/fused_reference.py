@@ -12,14 +12,16 @@ One op is one quantized conv/linear of a graph-prepared model with what follows 
           y = round(T * multiplier) * out_step
     y   = clamp(y, *clamp)                            ReLU / ReLU6 / Hardtanh, or (-inf, inf)
     q   = round(clamp(y / out_step, *out_range))      the tensor quantizer after the layer
-    residual:  z = clamp(q * out_step + r * residual_step, *add_clamp)
+    residual:  u = QLinearAdd's codes of (q, r), or of (r, q) with residual_first
+                   (qtool.quant.integer.qlinear_add_codes, on uint8-container codes)
+               z = clamp((u - zero_point) * add_step, *add_clamp)
                q = round(clamp(z / add_step, *add_range))
 
 ``out_step == 0`` returns ``y`` (float32, the logits). Rounding is half to even. Each float step
 is one float32 operation in the order the graph-prepared model's eval forward computes it
 (``qtool.quant.integer.deployed_output``, with the multiplier when the graph passes the layer its
-output step; then LSQ's ``x / s``, clamp, round, ``* s`` and the add of two fake-quantized
-tensors), so the compiled kernel and this reference agree bit for bit and both reproduce the
+output step; then LSQ's ``x / s``, clamp, round, ``* s`` and the add of the model's
+``IntegerAdd``), so the compiled kernel and this reference agree bit for bit and both reproduce the
 model's codes and logits.
 
 Layouts: conv codes are [N, C, H, W] in channels-last memory (any layout is accepted), int8 for
@@ -38,6 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from qtool.lowbit import reference
+from qtool.quant.integer import container_zero_point, qlinear_add_codes, qlinear_add_constants
 from qtool.native import library
 
 # Must match kernels/registration.cpp (tests/kernels/test_fused.py compares them).
@@ -45,10 +48,10 @@ SCHEMAS = {
     "fused_conv2d": "fused_conv2d(Tensor x, Tensor w, Tensor bias, Tensor unit, Tensor? multiplier, int bits, "
                     "int[2] kernel_size, int[2] stride, int[2] padding, int[2] dilation, float[] clamp, "
                     "float out_step, int[] out_range, Tensor? residual, float residual_step, float[] add_clamp, "
-                    "float add_step, int[] add_range) -> Tensor",
+                    "float add_step, int[] add_range, bool residual_first=False) -> Tensor",
     "fused_linear": "fused_linear(Tensor x, Tensor w, Tensor bias, Tensor unit, Tensor? multiplier, int bits, "
                     "float[] clamp, float out_step, int[] out_range, Tensor? residual, float residual_step, "
-                    "float[] add_clamp, float add_step, int[] add_range) -> Tensor",
+                    "float[] add_clamp, float add_step, int[] add_range, bool residual_first=False) -> Tensor",
 }
 
 NO_CLAMP = (-math.inf, math.inf)
@@ -94,7 +97,7 @@ def weight_codes(w: torch.Tensor, bits: int, out: int, K: int) -> torch.Tensor:
 
 
 def epilogue(acc: torch.Tensor, bias, unit, multiplier, clamp, out_step, out_range, residual, residual_step,
-             add_clamp, add_step, add_range) -> torch.Tensor:
+             add_clamp, add_step, add_range, residual_first=False) -> torch.Tensor:
     """The integer accumulator [M, N] or [N, C, H, W] (int64) to the op's output."""
     shape = (1, -1) + (1,) * (acc.dim() - 2)
     t = (acc + bias.to(torch.int64).reshape(shape)).to(torch.float32)
@@ -109,14 +112,19 @@ def epilogue(acc: torch.Tensor, bias, unit, multiplier, clamp, out_step, out_ran
         return y
     q = torch.clamp(y / out_step, out_range[0], out_range[1]).round()
     if residual is not None:
-        z = q * out_step + residual.to(torch.float32) * residual_step  # two float32 products, then the sum
-        z = torch.clamp(z, add_clamp[0], add_clamp[1])
+        zeros = [container_zero_point(out_range[0] < 0), container_zero_point(residual.dtype == torch.int8),
+                 container_zero_point(add_range[0] < 0)]
+        operands = [(q + zeros[0], out_step, zeros[0]), (residual.to(torch.float32) + zeros[1], residual_step, zeros[1])]
+        (a, step_a, zero_a), (b, step_b, zero_b) = operands[::-1] if residual_first else operands
+        ratio_a, ratio_b, fixed = qlinear_add_constants(step_a, step_b, add_step, zero_a, zero_b, zeros[2])
+        u = qlinear_add_codes(a, b, ratio_a, ratio_b, fixed)
+        z = torch.clamp((u - zeros[2]) * torch.tensor(add_step, dtype=torch.float32), add_clamp[0], add_clamp[1])
         q = torch.clamp(z / add_step, add_range[0], add_range[1]).round()
     return q.to(output_dtype(out_step, out_range, residual, add_range))
 
 
 def fused_conv2d(x, w, bias, unit, multiplier, bits, kernel_size, stride, padding, dilation, clamp, out_step,
-                 out_range, residual, residual_step, add_clamp, add_step, add_range):
+                 out_range, residual, residual_step, add_clamp, add_step, add_range, residual_first=False):
     kh, kw = kernel_size
     C = x.shape[1]
     codes = weight_codes(w, bits, bias.shape[0], C * kh * kw)
@@ -125,16 +133,16 @@ def fused_conv2d(x, w, bias, unit, multiplier, bits, kernel_size, stride, paddin
     acc = F.conv2d(x.contiguous().to(torch.float64), codes.to(torch.float64), stride=list(stride),
                    padding=list(padding), dilation=list(dilation)).to(torch.int64)
     out = epilogue(acc, bias, unit, multiplier, clamp, out_step, out_range, residual, residual_step, add_clamp,
-                   add_step, add_range)
+                   add_step, add_range, residual_first)
     return out.contiguous(memory_format=torch.channels_last)
 
 
 def fused_linear(x, w, bias, unit, multiplier, bits, clamp, out_step, out_range, residual, residual_step, add_clamp,
-                 add_step, add_range):
+                 add_step, add_range, residual_first=False):
     codes = weight_codes(w, bits, bias.shape[0], x.shape[1])
     acc = (x.to(torch.float64) @ codes.to(torch.float64).T).to(torch.int64)
     return epilogue(acc, bias, unit, multiplier, clamp, out_step, out_range, residual, residual_step, add_clamp,
-                    add_step, add_range).contiguous()
+                    add_step, add_range, residual_first).contiguous()
 
 
 OPS = {"fused_conv2d": fused_conv2d, "fused_linear": fused_linear}
@@ -143,7 +151,7 @@ OPS = {"fused_conv2d": fused_conv2d, "fused_linear": fused_linear}
 def _register_fakes() -> None:
     @torch.library.register_fake("qtool::fused_conv2d")
     def _(x, w, bias, unit, multiplier, bits, kernel_size, stride, padding, dilation, clamp, out_step, out_range,
-          residual, residual_step, add_clamp, add_step, add_range):
+          residual, residual_step, add_clamp, add_step, add_range, residual_first=False):
         size = [(x.shape[2 + i] + 2 * padding[i] - dilation[i] * (kernel_size[i] - 1) - 1) // stride[i] + 1
                 for i in range(2)]
         return torch.empty((x.shape[0], bias.shape[0], *size), device=x.device,
@@ -152,7 +160,7 @@ def _register_fakes() -> None:
 
     @torch.library.register_fake("qtool::fused_linear")
     def _(x, w, bias, unit, multiplier, bits, clamp, out_step, out_range, residual, residual_step, add_clamp,
-          add_step, add_range):
+          add_step, add_range, residual_first=False):
         return x.new_empty((x.shape[0], bias.shape[0]), dtype=output_dtype(out_step, out_range, residual, add_range))
 
 

@@ -36,6 +36,7 @@ from torch import nn
 from qtool.errors import InputError
 from qtool.lowbit import ops
 from qtool.quant.binary import BinaryConv2d
+from qtool.quant.graph import GRAPH_KWARGS
 from qtool.quant.integer import folded_affine, integer_layer
 from qtool.quant.layers import QuantConv2d, QuantizedLayer, QuantLinear
 from qtool.quant.lsq import LSQQuantizer
@@ -267,10 +268,10 @@ def dequantized(model: nn.Module, float_weights: bool = False) -> nn.Module:
     holding their dequantized weights (``float_weights``: the float weights they quantize; batch
     norm folded in either way), with no activation quantization or sign."""
     model = copy.deepcopy(model).eval()
-    if isinstance(model, fx.GraphModule):  # plain layers take no input step
+    if isinstance(model, fx.GraphModule):  # plain layers take no steps, adds sum floats
         for node in model.graph.nodes:
-            if node.op == "call_module" and "input_step" in node.kwargs:
-                node.kwargs = {k: v for k, v in node.kwargs.items() if k not in ("input_step", "output_step", "output_ready")}
+            if node.op == "call_module" and set(node.kwargs) & set(GRAPH_KWARGS):
+                node.kwargs = {k: v for k, v in node.kwargs.items() if k not in GRAPH_KWARGS}
         model.graph.eliminate_dead_code()
         model.recompile()
     for name, module in list(model.named_modules()):

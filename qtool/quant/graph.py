@@ -28,11 +28,15 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
+from qtool.quant.integer import IntegerAdd
 from qtool.quant.layers import QuantConv2d, QuantizedLayer, QuantLinear
 from qtool.quant.lsq import LSQQuantizer
 
 GRAPH_KEY = "*graph*"    # the plan entry that marks graph placement and holds its options
 ACT_CONTAINER = "qtool_act"  # the GraphModule attribute holding the tensor quantizers
+ADD_CONTAINER = "qtool_add"  # ... and the adds that sum codes as the deployed graph does
+# what the passes below give the layers and adds: steps read off the quantizers around them
+GRAPH_KWARGS = ("input_step", "output_step", "output_ready", "steps", "signed", "ready")
 MAX_WEIGHT_BITS = 7      # see edge_weight_bits
 
 _MOVEMENT_MODULES = (nn.MaxPool2d, nn.Flatten, nn.Dropout, nn.Dropout2d, nn.Identity, nn.ChannelShuffle)
@@ -73,7 +77,7 @@ class _Tracer(fx.Tracer):
     """torch.nn layers and qtool's quantizers are leaves; everything else is traced through."""
 
     def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
-        return (isinstance(module, (QuantizedLayer, LSQQuantizer)) or _same_as_base(module)
+        return (isinstance(module, (QuantizedLayer, LSQQuantizer, IntegerAdd)) or _same_as_base(module)
                 or super().is_leaf_module(module, qualified_name))
 
 
@@ -344,6 +348,7 @@ def _place_tensor_quantizers(module: fx.GraphModule, plan: dict[str, dict], defa
 
     _pass_input_steps(module, roles)
     _pass_output_steps(module)
+    _pass_add_grids(module)
 
 
 def _pass_output_steps(module: fx.GraphModule) -> None:
@@ -373,24 +378,70 @@ def _is_clamp(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
     return node.op in ("call_function", "call_method") and node.target in _CLAMP_FUNCTIONS | _CLAMP_METHODS
 
 
+def _code_sources(module: fx.GraphModule) -> dict[fx.Node, fx.Node]:
+    """Node -> the quantizer call whose codes it carries (the quantizer itself, or the ops that
+    pass codes through after it)."""
+    modules = dict(module.named_modules())
+    source: dict[fx.Node, fx.Node] = {}
+    for node in module.graph.nodes:
+        if node.op == "call_module" and isinstance(modules.get(node.target), LSQQuantizer):
+            source[node] = node
+        elif _passes_codes(node, modules):
+            inputs = [arg for arg in node.all_input_nodes if arg in source]
+            if inputs:
+                source[node] = source[inputs[0]]
+    return source
+
+
 def _pass_input_steps(module: fx.GraphModule, roles: _Roles) -> None:
     """Give every quantized layer its input quantizer's step (``input_step=``), found by looking
     back through the ops that pass codes through."""
     modules = dict(module.named_modules())
-    source: dict[fx.Node, fx.Node] = {}  # node -> the quantizer call whose codes it carries
+    source = _code_sources(module)
     for node in list(module.graph.nodes):
-        if node.op == "call_module" and isinstance(modules.get(node.target), LSQQuantizer):
-            source[node] = node
+        if not (node.op == "call_module" and isinstance(modules[node.target], QuantizedLayer)):
             continue
         inputs = [arg for arg in node.all_input_nodes if arg in source]
-        if not inputs:
-            continue
-        if node.op == "call_module" and isinstance(modules[node.target], QuantizedLayer):
+        if inputs:
             with module.graph.inserting_before(node):
                 step = module.graph.get_attr(f"{source[inputs[0]].target}.scale")
             node.kwargs = {**node.kwargs, "input_step": step}
-        elif _passes_codes(node, modules):
-            source[node] = source[inputs[0]]
+
+
+_ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add}
+_ADD_METHODS = {"add", "add_"}
+
+
+def _pass_add_grids(module: fx.GraphModule) -> None:
+    """Replace every add of two tensors of codes whose sum goes (through clamps only) into a
+    tensor quantizer by an ``IntegerAdd`` given the three quantizers' steps: in eval mode it sums
+    as the deployed QLinearAdd does."""
+    modules = dict(module.named_modules())
+    source = _code_sources(module)
+    container = None
+    for node in list(module.graph.nodes):
+        is_add = (node.op == "call_function" and node.target in _ADD_FUNCTIONS) or (
+            node.op == "call_method" and node.target in _ADD_METHODS)
+        if not (is_add and len(node.args) == 2 and not node.kwargs and all(arg in source for arg in node.args)):
+            continue
+        end = node
+        while len(end.users) == 1 and _is_clamp(next(iter(end.users)), modules):
+            end = next(iter(end.users))
+        users = list(end.users)
+        if not (len(users) == 1 and users[0].op == "call_module"
+                and isinstance(modules[users[0].target], LSQQuantizer)):
+            continue
+        if container is None:
+            container = nn.Module()
+            module.add_submodule(ADD_CONTAINER, container)
+        container.add_module(node.name, IntegerAdd())
+        quantizers = [source[node.args[0]].target, source[node.args[1]].target, users[0].target]
+        graph = module.graph
+        with graph.inserting_before(node):
+            attrs = {key: tuple(graph.get_attr(f"{q}.{attr}") for q in quantizers)
+                     for key, attr in (("steps", "scale"), ("signed", "signed_flag"), ("ready", "initialized"))}
+        # the node itself becomes the module call: it keeps its name (reports, fallbacks) and place
+        node.op, node.target, node.kwargs = "call_module", f"{ADD_CONTAINER}.{node.name}", attrs
 
 
 def _passes_codes(node: fx.Node, modules: dict[str, nn.Module]) -> bool:

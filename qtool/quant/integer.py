@@ -8,6 +8,9 @@ every reader: the layer's own eval forward (so that PyTorch computes the deploye
 ONNX exporter and the kernel runtime. onnxruntime's QLinearConv/QGemm take the bias as int32 in
 units of ``float32(input_step) * float32(weight_step)``; rounding it there is the one place an
 integer kernel differs from float arithmetic, so the trained model rounds it the same way.
+
+The sum of two quantized tensors read by a third quantizer (a residual join) is the other:
+``IntegerAdd`` computes it in eval mode as onnxruntime's QLinearAdd does (``qlinear_add_codes``).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
+from torch import nn
 
 INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
 
@@ -118,3 +122,54 @@ def deployed_output(layer, x: torch.Tensor, input_step: torch.Tensor,
         multiplier = (unit.float() / out).reshape(shape)
         return (torch.round(total * multiplier) * out).to(x.dtype)
     return (total * unit.float().reshape(shape)).to(x.dtype)
+
+
+# -- the residual join -----------------------------------------------------------------------
+
+def container_zero_point(signed) -> int:
+    """The zero point of an LSQ grid's codes in the uint8 container the exporter writes (a signed
+    grid's codes are shifted by 128: ``exporters.ir.Grid.as_uint8``)."""
+    return 128 if bool(signed) else 0
+
+
+def qlinear_add_constants(step_a, step_b, step_out, zero_a: int, zero_b: int, zero_out: int):
+    """QLinearAdd's three float32 constants: ScaleA / ScaleC, ScaleB / ScaleC and the fixed part
+    ZeroPointC - (ratio_a * ZeroPointA + ratio_b * ZeroPointB), each one float32 operation."""
+    f32 = lambda v: torch.as_tensor(v, dtype=torch.float32).detach().abs().reshape(())
+    ratio_a, ratio_b = f32(step_a) / f32(step_out), f32(step_b) / f32(step_out)
+    fixed = torch.tensor(float(zero_out), dtype=torch.float32) - (ratio_a * zero_a + ratio_b * zero_b)
+    return ratio_a, ratio_b, fixed
+
+
+def qlinear_add_codes(codes_a: torch.Tensor, codes_b: torch.Tensor, ratio_a, ratio_b, fixed) -> torch.Tensor:
+    """The uint8-container output codes of onnxruntime's QLinearAdd (MLAS, x86 AVX2 and newer:
+    ``fma(a, ratio_a, fma(b, ratio_b, fixed))``, rounded half to even, saturated to [0, 255]),
+    as float32, from the operands' container codes. Each fma is one float64 multiply-add rounded to
+    float32, which is the fused result: the product of an 8-bit code and a float32 ratio and the
+    sum with a float32 addend need at most 53 bits while the ratios lie within 2^-20..2^8 of each
+    other and of 1 (steps of one network do)."""
+    inner = (codes_b.double() * ratio_b.double() + fixed.double()).float()
+    total = (codes_a.double() * ratio_a.double() + inner.double()).float()
+    return torch.clamp(torch.round(total), 0, 255)
+
+
+class IntegerAdd(nn.Module):
+    """``a + b`` for two tensors on LSQ grids whose sum a third quantizer reads (through clamps).
+
+    Training: the float sum, as before (LSQ's gradients flow through it). Eval mode, once the
+    three quantizers are initialised: the sum that the deployed QLinearAdd computes from the codes
+    (``qlinear_add_codes``: ``a`` is its first operand), on the output grid, so the quantizer after
+    it finds exactly the deployed codes. The float sum would differ from it at rounding boundaries,
+    and at 8-bit activations often enough to move the logits of a deep network.
+    ``steps``/``signed``/``ready``: the three quantizers' ``scale``, ``signed_flag`` and
+    ``initialized`` (operand a, operand b, output)."""
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor, steps=None, signed=None, ready=None) -> torch.Tensor:
+        if self.training or steps is None or not all(bool(flag) for flag in ready):
+            return a + b
+        zeros = [container_zero_point(flag) for flag in signed]
+        ratio_a, ratio_b, fixed = qlinear_add_constants(*steps, *zeros)
+        codes = [torch.round(x.detach() / step.detach().abs().float().reshape(())) + zero
+                 for x, step, zero in zip((a, b), steps, zeros)]
+        out = qlinear_add_codes(*codes, ratio_a, ratio_b, fixed)
+        return ((out - zeros[2]) * steps[2].detach().abs().float().reshape(())).to(a.dtype)

@@ -31,7 +31,7 @@ def fused(qops):
 def conv_call(g, *, bits=8, N=2, C=16, H=9, W=7, O=24, kernel=(3, 3), stride=(1, 1), padding=(1, 1),
               dilation=(1, 1), x_dtype=torch.uint8, residual=None, out_float=False, wmax=None, clamp=(0.0, INF),
               out_range=(0, 15), add_range=(0, 15), add_clamp=(0.0, INF), steps=(0.0123, 0.031, 0.045),
-              multiplier=False):
+              multiplier=False, residual_first=False):
     """Random arguments of fused_conv2d (codes, weights, bias, unit and an epilogue)."""
     K = C * kernel[0] * kernel[1]
     lo, hi = {3: (-4, 3), 4: (-8, 7), 8: (-128, 127)}[bits]
@@ -51,14 +51,14 @@ def conv_call(g, *, bits=8, N=2, C=16, H=9, W=7, O=24, kernel=(3, 3), stride=(1,
     mult = unit / torch.tensor(s1) if multiplier else None  # float32(unit / out_step), as the layer computes it
     return (x, w, bias, unit, mult, bits, list(kernel), list(stride), list(padding), list(dilation), list(clamp),
             0.0 if out_float else s1, list(out_range), r, sr if r is not None else 0.0, list(add_clamp),
-            s2 if r is not None else 0.0, list(add_range))
+            s2 if r is not None else 0.0, list(add_range)) + ((True,) if residual_first else ())
 
 
 def linear_call(g, *, bits=8, M=5, K=100, O=24, x_dtype=torch.int8, residual=None, out_float=False,
-                out_range=(-8, 7), multiplier=False):
+                out_range=(-8, 7), multiplier=False, residual_first=False):
     args = conv_call(g, bits=bits, N=M, C=K, H=1, W=1, O=O, kernel=(1, 1), padding=(0, 0), x_dtype=x_dtype,
                      residual=residual, out_float=out_float, out_range=out_range, add_range=(-8, 7),
-                     multiplier=multiplier)
+                     multiplier=multiplier, residual_first=residual_first)
     x, w, bias, unit, mult = args[:5]
     r = args[13]
     return (x.reshape(M, K), w, bias, unit, mult, bits, *args[10:13], None if r is None else r.reshape(M, O),
@@ -78,6 +78,9 @@ CONV_CASES = {
     "lanes_wide_weights": dict(wmax=127),  # beyond AVX2's vpmaddubsw bound: the scalar tile
     "lanes_residual": dict(residual=torch.int8, out_range=(-8, 7)),
     "lanes_residual_uint8": dict(residual=torch.uint8, add_range=(0, 255), add_clamp=(-INF, INF)),
+    # the residual as QLinearAdd's first operand (``shortcut + out``), into a signed sum
+    "lanes_residual_first": dict(residual=torch.uint8, residual_first=True, add_range=(-128, 127),
+                                 add_clamp=(-INF, INF)),
     "lanes_float_out": dict(out_float=True, O=10, clamp=(-INF, INF)),
     "lanes_signed_out": dict(out_range=(-128, 127), clamp=(-1.0, 2.0)),
     "lanes_gathered": dict(C=3, x_dtype=torch.int8),  # kw * C not a multiple of 4
@@ -92,6 +95,8 @@ CONV_CASES = {
     "packed4": dict(bits=4, x_dtype=torch.int8),
     "packed3": dict(bits=3, x_dtype=torch.int8),
     "packed4_residual": dict(bits=4, x_dtype=torch.int8, residual=torch.uint8, add_range=(0, 255)),
+    "packed4_residual_first": dict(bits=4, x_dtype=torch.int8, residual=torch.int8, out_range=(-8, 7),
+                                   residual_first=True),
     "packed4_1x1": dict(bits=4, x_dtype=torch.int8, C=64, kernel=(1, 1), padding=(0, 0)),
     "packed4_dilated": dict(bits=4, x_dtype=torch.int8, C=5, kernel=(3, 1), stride=(2, 1), padding=(2, 0),
                             dilation=(2, 1)),
@@ -102,6 +107,7 @@ LINEAR_CASES = {
     "lanes": dict(),
     "lanes_uint8": dict(x_dtype=torch.uint8, K=64),
     "lanes_residual": dict(residual=torch.int8),
+    "lanes_residual_first": dict(residual=torch.int8, residual_first=True),
     "lanes_float_out": dict(out_float=True, O=10),
     "packed4": dict(bits=4),
     "packed3_K128": dict(bits=3, K=128),
@@ -189,6 +195,7 @@ OPCHECK = {
     "conv_packed_float": ("fused_conv2d", dict(bits=4, x_dtype=torch.int8, out_float=True)),
     "linear_lanes": ("fused_linear", dict()),
     "linear_packed_residual": ("fused_linear", dict(bits=4, residual=torch.uint8)),
+    "conv_residual_first": ("fused_conv2d", dict(residual=torch.int8, out_range=(-8, 7), residual_first=True)),
     "linear_lanes_multiplier": ("fused_linear", dict(multiplier=True)),
 }
 
