@@ -135,8 +135,8 @@ def container_zero_point(signed) -> int:
 def qlinear_add_constants(step_a, step_b, step_out, zero_a: int, zero_b: int, zero_out: int):
     """QLinearAdd's three float32 constants: ScaleA / ScaleC, ScaleB / ScaleC and the fixed part
     ZeroPointC - (ratio_a * ZeroPointA + ratio_b * ZeroPointB), each one float32 operation."""
-    f32 = lambda v: torch.as_tensor(v, dtype=torch.float32).detach().abs().reshape(())
-    ratio_a, ratio_b = f32(step_a) / f32(step_out), f32(step_b) / f32(step_out)
+    a, b, out = (torch.as_tensor(v, dtype=torch.float32).detach().abs().reshape(()) for v in (step_a, step_b, step_out))
+    ratio_a, ratio_b = a / out, b / out
     fixed = torch.tensor(float(zero_out), dtype=torch.float32) - (ratio_a * zero_a + ratio_b * zero_b)
     return ratio_a, ratio_b, fixed
 
