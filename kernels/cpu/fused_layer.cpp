@@ -131,12 +131,13 @@ QTOOL_INLINE float fma_f32(float a, float b, float c) {
 // `count` outputs laid out as rows of N channels, bias and unit (or multiplier) tiled to the same
 // length: one flat loop, vectorized whatever N is.
 template <typename Acc, typename Res, typename Out, bool RES, bool FLOAT_OUT, bool MULT>
-QTOOL_INLINE void epilogue_flat(const Acc* acc, const int32_t* bias, const float* unit, int64_t count,
-                                const Epilogue& e, const Res* res, Out* out) {
+QTOOL_INLINE void epilogue_flat(const Acc* __restrict acc, const int32_t* __restrict bias,
+                                const float* __restrict unit, int64_t count, const Epilogue& e,
+                                const Res* __restrict res, Out* __restrict out) {
   const float lo = e.lo, hi = e.hi, s1 = e.s1, q1lo = e.q1lo, q1hi = e.q1hi;
   const float lo2 = e.lo2, hi2 = e.hi2, s2 = e.s2, q2lo = e.q2lo, q2hi = e.q2hi;
   const float zq = e.zq, zr = e.zr, zc = e.zc, ra = e.ra, rb = e.rb, fixed = e.fixed;
-  const bool first = e.residual_first;
+  const float swap = e.residual_first ? 1.0f : 0.0f;  // arithmetic, not a select: the loop stays vectorized
 #pragma omp simd
   for (int64_t i = 0; i < count; ++i) {
     const float t = acc_plus_bias(acc[i], bias[i]);
@@ -152,7 +153,7 @@ QTOOL_INLINE void epilogue_flat(const Acc* acc, const int32_t* bias, const float
       float q = round_half_even(clampf(y / s1, q1lo, q1hi));
       if constexpr (RES) {
         const float mine = q + zq, other = static_cast<float>(res[i]) + zr;
-        const float a = first ? other : mine, b = first ? mine : other;
+        const float a = mine + swap * (other - mine), b = other + swap * (mine - other);  // exact: small integers
         const float u = clampf(rint_any(fma_f32(a, ra, fma_f32(b, rb, fixed))), 0.0f, 255.0f);
         q = round_half_even(clampf(clampf((u - zc) * s2, lo2, hi2) / s2, q2lo, q2hi));
       }
