@@ -21,7 +21,7 @@ from torch import nn
 
 from qtool.errors import QtoolError
 from qtool.exporters.ir import Grid, Op, Weights
-from qtool.quant.integer import IntegerAdd
+from qtool.quant.integer import IntegerAdd, IntegerMul
 
 
 class ExportError(QtoolError):
@@ -152,10 +152,10 @@ def relu(module, ctx):
     return [Op("relu", ctx.inputs, ctx.output, ctx.layer)]
 
 
-@module_adapter(IntegerAdd)
-def integer_add(module, ctx):
-    # operands in the model's order: QLinearAdd's first input is IntegerAdd's ``a``
-    return [Op("add", ctx.inputs, ctx.output, ctx.layer)]
+@module_adapter(IntegerAdd, IntegerMul)
+def integer_join(module, ctx):
+    # operands in the model's order: QLinearAdd's / QLinearMul's first input is the join's ``a``
+    return [Op("add" if isinstance(module, IntegerAdd) else "mul", ctx.inputs, ctx.output, ctx.layer)]
 
 
 @module_adapter(nn.ReLU6, nn.Hardtanh)

@@ -17,7 +17,7 @@ from qtool.exporters.bounds import saturating_kernels
 from qtool.models import build_model
 from qtool.onnxrt import float_layers
 from qtool.quant.graph import GRAPH_KEY
-from qtool.quant.integer import IntegerAdd, integer_layer
+from qtool.quant.integer import IntegerAdd, IntegerMul, integer_layer
 from qtool.quant.layers import QuantConv2d
 from qtool.quant.lsq import LSQQuantizer
 from qtool.quant.prepare import prepare
@@ -142,45 +142,48 @@ def test_quantizers_sit_on_both_operands_and_the_result_of_every_residual_add():
         assert steps == [f"{add.args[0].target}.scale", f"{add.args[1].target}.scale", f"{after.target}.scale"]
 
 
-def qlinear_add_session(steps, zeros, n: int):
-    """onnxruntime's QLinearAdd (com.microsoft) on two uint8 vectors of length n."""
+def qlinear_session(op: str, steps, zeros, n: int):
+    """onnxruntime's QLinearAdd / QLinearMul (com.microsoft) on two uint8 vectors of length n."""
     import onnxruntime as ort
     from onnx import TensorProto, helper
 
     scales = [helper.make_tensor(f"s{i}", TensorProto.FLOAT, [], [float(v)]) for i, v in enumerate(steps)]
     points = [helper.make_tensor(f"z{i}", TensorProto.UINT8, [], [int(v)]) for i, v in enumerate(zeros)]
-    node = helper.make_node("QLinearAdd", ["a", "s0", "z0", "b", "s1", "z1", "s2", "z2"], ["c"], domain="com.microsoft")
+    node = helper.make_node(op, ["a", "s0", "z0", "b", "s1", "z1", "s2", "z2"], ["c"], domain="com.microsoft")
     vector = lambda name: helper.make_tensor_value_info(name, TensorProto.UINT8, [n])
-    graph = helper.make_graph([node], "add", [vector("a"), vector("b")], [vector("c")], scales + points)
+    graph = helper.make_graph([node], "join", [vector("a"), vector("b")], [vector("c")], scales + points)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
     return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
 
 
-def test_integer_add_sums_codes_exactly_as_onnxruntimes_qlinearadd():
-    """IntegerAdd in eval mode against onnxruntime's own QLinearAdd, on every pair of grid signs and
-    random steps (a vector length that leaves a tail after the 32-wide blocks): the same codes
-    everywhere, where the float sum of the two fake-quantized tensors misses some."""
+@pytest.mark.parametrize("op, join, float_op", [("QLinearAdd", IntegerAdd, torch.add), ("QLinearMul", IntegerMul, torch.mul)])
+def test_integer_joins_compute_codes_exactly_as_onnxruntimes_kernels(op, join, float_op):
+    """IntegerAdd / IntegerMul in eval mode against onnxruntime's own QLinearAdd / QLinearMul, on
+    every pair of grid signs and random steps (a vector length that leaves a tail after the SIMD
+    blocks): the same codes everywhere, where the float op on the two fake-quantized tensors
+    misses some."""
     from qtool.quant.integer import container_zero_point
 
     rng = np.random.default_rng(0)
-    add, n, float_misses = IntegerAdd().eval(), 4099, 0
-    for trial in range(240):
+    module, n, float_misses = join().eval(), 16411, 0
+    for trial in range(80):
         signed = [bool(v) for v in rng.integers(0, 2, 3)]
         steps = [torch.tensor(float(np.exp(rng.uniform(-5, 0))), dtype=torch.float32) for _ in range(3)]
         zeros = [container_zero_point(flag) for flag in signed]
         container = [torch.from_numpy(rng.integers(0, 256, n).astype(np.uint8)) for _ in range(2)]
         a, b = ((c.float() - zero) * step for c, zero, step in zip(container, zeros, steps))
         ready = (torch.tensor(True),) * 3
-        got = add(a, b, steps=tuple(steps), signed=tuple(torch.tensor(f) for f in signed), ready=ready)
+        got = module(a, b, steps=tuple(steps), signed=tuple(torch.tensor(f) for f in signed), ready=ready)
         codes = torch.round(got / steps[2]) + zeros[2]
-        (expected,) = qlinear_add_session(steps, zeros, n).run(None, {"a": container[0].numpy(),
-                                                                      "b": container[1].numpy()})
+        (expected,) = qlinear_session(op, steps, zeros, n).run(None, {"a": container[0].numpy(),
+                                                                     "b": container[1].numpy()})
         assert torch.equal(codes, torch.from_numpy(expected).float()), (trial, signed)
-        float_sum = torch.clamp(torch.round((a + b) / steps[2]) + zeros[2], 0, 255)
-        float_misses += int((float_sum != codes).sum())
-        assert torch.equal(add.train()(a, b, steps=tuple(steps), signed=signed, ready=ready), a + b)  # training: a + b
-        add.eval()
-    assert float_misses > 0  # the inputs reach the rounding boundaries where the two sums differ
+        float_result = torch.clamp(torch.round(float_op(a, b) / steps[2]) + zeros[2], 0, 255)
+        float_misses += int((float_result != codes).sum())
+        trained = module.train()(a, b, steps=tuple(steps), signed=signed, ready=ready)
+        assert torch.equal(trained, float_op(a, b))  # training: the float op
+        module.eval()
+    assert float_misses > 0  # the inputs reach the rounding boundaries where the two differ
 
 
 def test_eval_mode_computes_the_integer_kernel_exactly():

@@ -28,13 +28,13 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from qtool.quant.integer import IntegerAdd
+from qtool.quant.integer import IntegerAdd, IntegerJoin, IntegerMul
 from qtool.quant.layers import QuantConv2d, QuantizedLayer, QuantLinear
 from qtool.quant.lsq import LSQQuantizer
 
 GRAPH_KEY = "*graph*"    # the plan entry that marks graph placement and holds its options
 ACT_CONTAINER = "qtool_act"  # the GraphModule attribute holding the tensor quantizers
-ADD_CONTAINER = "qtool_add"  # ... and the adds that sum codes as the deployed graph does
+JOIN_CONTAINER = "qtool_join"  # ... and the adds and muls that join codes as the deployed graph does
 # what the passes below give the layers and adds: steps read off the quantizers around them
 GRAPH_KWARGS = ("input_step", "output_step", "output_ready", "steps", "signed", "ready")
 MAX_WEIGHT_BITS = 7      # see edge_weight_bits
@@ -77,7 +77,7 @@ class _Tracer(fx.Tracer):
     """torch.nn layers and qtool's quantizers are leaves; everything else is traced through."""
 
     def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
-        return (isinstance(module, (QuantizedLayer, LSQQuantizer, IntegerAdd)) or _same_as_base(module)
+        return (isinstance(module, (QuantizedLayer, LSQQuantizer, IntegerJoin)) or _same_as_base(module)
                 or super().is_leaf_module(module, qualified_name))
 
 
@@ -348,7 +348,7 @@ def _place_tensor_quantizers(module: fx.GraphModule, plan: dict[str, dict], defa
 
     _pass_input_steps(module, roles)
     _pass_output_steps(module)
-    _pass_add_grids(module)
+    _pass_join_grids(module)
 
 
 def _pass_output_steps(module: fx.GraphModule) -> None:
@@ -408,21 +408,22 @@ def _pass_input_steps(module: fx.GraphModule, roles: _Roles) -> None:
             node.kwargs = {**node.kwargs, "input_step": step}
 
 
-_ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add}
-_ADD_METHODS = {"add", "add_"}
+_JOIN_FUNCTIONS = {operator.add: IntegerAdd, operator.iadd: IntegerAdd, torch.add: IntegerAdd,
+                   operator.mul: IntegerMul, operator.imul: IntegerMul, torch.mul: IntegerMul}
+_JOIN_METHODS = {"add": IntegerAdd, "add_": IntegerAdd, "mul": IntegerMul, "mul_": IntegerMul}
 
 
-def _pass_add_grids(module: fx.GraphModule) -> None:
-    """Replace every add of two tensors of codes whose sum goes (through clamps only) into a
-    tensor quantizer by an ``IntegerAdd`` given the three quantizers' steps: in eval mode it sums
-    as the deployed QLinearAdd does."""
+def _pass_join_grids(module: fx.GraphModule) -> None:
+    """Replace every add (mul) of two tensors of codes whose result goes (through clamps only)
+    into a tensor quantizer by an ``IntegerAdd`` (``IntegerMul``) given the three quantizers'
+    steps: in eval mode it computes what the deployed QLinearAdd (QLinearMul) does."""
     modules = dict(module.named_modules())
     source = _code_sources(module)
     container = None
     for node in list(module.graph.nodes):
-        is_add = (node.op == "call_function" and node.target in _ADD_FUNCTIONS) or (
-            node.op == "call_method" and node.target in _ADD_METHODS)
-        if not (is_add and len(node.args) == 2 and not node.kwargs and all(arg in source for arg in node.args)):
+        join = _JOIN_FUNCTIONS.get(node.target) if node.op == "call_function" else (
+            _JOIN_METHODS.get(node.target) if node.op == "call_method" else None)
+        if not (join and len(node.args) == 2 and not node.kwargs and all(arg in source for arg in node.args)):
             continue
         end = node
         while len(end.users) == 1 and _is_clamp(next(iter(end.users)), modules):
@@ -433,15 +434,15 @@ def _pass_add_grids(module: fx.GraphModule) -> None:
             continue
         if container is None:
             container = nn.Module()
-            module.add_submodule(ADD_CONTAINER, container)
-        container.add_module(node.name, IntegerAdd())
+            module.add_submodule(JOIN_CONTAINER, container)
+        container.add_module(node.name, join())
         quantizers = [source[node.args[0]].target, source[node.args[1]].target, users[0].target]
         graph = module.graph
         with graph.inserting_before(node):
             attrs = {key: tuple(graph.get_attr(f"{q}.{attr}") for q in quantizers)
                      for key, attr in (("steps", "scale"), ("signed", "signed_flag"), ("ready", "initialized"))}
         # the node itself becomes the module call: it keeps its name (reports, fallbacks) and place
-        node.op, node.target, node.kwargs = "call_module", f"{ADD_CONTAINER}.{node.name}", attrs
+        node.op, node.target, node.kwargs = "call_module", f"{JOIN_CONTAINER}.{node.name}", attrs
 
 
 def _passes_codes(node: fx.Node, modules: dict[str, nn.Module]) -> bool:

@@ -9,8 +9,9 @@ ONNX exporter and the kernel runtime. onnxruntime's QLinearConv/QGemm take the b
 units of ``float32(input_step) * float32(weight_step)``; rounding it there is the one place an
 integer kernel differs from float arithmetic, so the trained model rounds it the same way.
 
-The sum of two quantized tensors read by a third quantizer (a residual join) is the other:
-``IntegerAdd`` computes it in eval mode as onnxruntime's QLinearAdd does (``qlinear_add_codes``).
+The sum or product of two quantized tensors read by a third quantizer (a residual join, a
+squeeze-excitation gate) is the other: ``IntegerAdd`` / ``IntegerMul`` compute it in eval mode as
+onnxruntime's QLinearAdd / QLinearMul do.
 """
 
 from __future__ import annotations
@@ -153,23 +154,58 @@ def qlinear_add_codes(codes_a: torch.Tensor, codes_b: torch.Tensor, ratio_a, rat
     return torch.clamp(torch.round(total), 0, 255)
 
 
-class IntegerAdd(nn.Module):
-    """``a + b`` for two tensors on LSQ grids whose sum a third quantizer reads (through clamps).
+def qlinear_mul_codes(codes_a: torch.Tensor, codes_b: torch.Tensor, zeros, steps) -> torch.Tensor:
+    """The uint8-container output codes of onnxruntime's QLinearMul (MLAS, x86 SSE2 kernel):
+    ``rint(float32((a - za) * (b - zb)) * ratio + zc)``, ratio = float32(sa * sb) / sc, the multiply
+    and the add rounded separately, saturated to [0, 255]; as float32."""
+    step_a, step_b, step_out = (torch.as_tensor(v, dtype=torch.float32).detach().abs().reshape(()) for v in steps)
+    ratio = step_a * step_b / step_out
+    product = ((codes_a - zeros[0]) * (codes_b - zeros[1])).float()  # integers below 2^17: exact
+    return torch.clamp(torch.round(product * ratio + float(zeros[2])), 0, 255)
 
-    Training: the float sum, as before (LSQ's gradients flow through it). Eval mode, once the
-    three quantizers are initialised: the sum that the deployed QLinearAdd computes from the codes
-    (``qlinear_add_codes``: ``a`` is its first operand), on the output grid, so the quantizer after
-    it finds exactly the deployed codes. The float sum would differ from it at rounding boundaries,
-    and at 8-bit activations often enough to move the logits of a deep network.
-    ``steps``/``signed``/``ready``: the three quantizers' ``scale``, ``signed_flag`` and
+
+class IntegerJoin(nn.Module):
+    """An op of two tensors on LSQ grids whose result a third quantizer reads (through clamps).
+
+    Training: the float op, as before (LSQ's gradients flow through it). Eval mode, once the three
+    quantizers are initialised: what the deployed integer kernel computes from the codes
+    (``deployed_codes``; ``a`` is its first operand), on the output grid, so the quantizer after it
+    finds exactly the deployed codes. The float op on two fake-quantized tensors differs from it at
+    rounding boundaries, and at 8-bit activations often enough to move the logits of a deep
+    network. ``steps``/``signed``/``ready``: the three quantizers' ``scale``, ``signed_flag`` and
     ``initialized`` (operand a, operand b, output)."""
+
+    def float_op(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def deployed_codes(self, codes_a, codes_b, zeros, steps) -> torch.Tensor:
+        raise NotImplementedError
 
     def forward(self, a: torch.Tensor, b: torch.Tensor, steps=None, signed=None, ready=None) -> torch.Tensor:
         if self.training or steps is None or not all(bool(flag) for flag in ready):
-            return a + b
+            return self.float_op(a, b)
         zeros = [container_zero_point(flag) for flag in signed]
-        ratio_a, ratio_b, fixed = qlinear_add_constants(*steps, *zeros)
         codes = [torch.round(x.detach() / step.detach().abs().float().reshape(())) + zero
                  for x, step, zero in zip((a, b), steps, zeros)]
-        out = qlinear_add_codes(*codes, ratio_a, ratio_b, fixed)
+        out = self.deployed_codes(*codes, zeros, steps)
         return ((out - zeros[2]) * steps[2].detach().abs().float().reshape(())).to(a.dtype)
+
+
+class IntegerAdd(IntegerJoin):
+    """A residual join: in eval mode the sum onnxruntime's QLinearAdd computes (``qlinear_add_codes``)."""
+
+    def float_op(self, a, b):
+        return a + b
+
+    def deployed_codes(self, codes_a, codes_b, zeros, steps):
+        return qlinear_add_codes(codes_a, codes_b, *qlinear_add_constants(*steps, *zeros))
+
+
+class IntegerMul(IntegerJoin):
+    """A product of codes (squeeze-excitation's x * gate): in eval mode QLinearMul's (``qlinear_mul_codes``)."""
+
+    def float_op(self, a, b):
+        return a * b
+
+    def deployed_codes(self, codes_a, codes_b, zeros, steps):
+        return qlinear_mul_codes(codes_a, codes_b, zeros, steps)
