@@ -419,8 +419,8 @@ def _pass_join_grids(module: fx.GraphModule) -> None:
     steps: in eval mode it computes what the deployed QLinearAdd (QLinearMul) does."""
     modules = dict(module.named_modules())
     source = _code_sources(module)
-    container = None
-    for node in list(module.graph.nodes):
+    graph, container = module.graph, None
+    for node in list(graph.nodes):
         join = _JOIN_FUNCTIONS.get(node.target) if node.op == "call_function" else (
             _JOIN_METHODS.get(node.target) if node.op == "call_method" else None)
         if not (join and len(node.args) == 2 and not node.kwargs and all(arg in source for arg in node.args)):
@@ -437,7 +437,6 @@ def _pass_join_grids(module: fx.GraphModule) -> None:
             module.add_submodule(JOIN_CONTAINER, container)
         container.add_module(node.name, join())
         quantizers = [source[node.args[0]].target, source[node.args[1]].target, users[0].target]
-        graph = module.graph
         with graph.inserting_before(node):
             attrs = {key: tuple(graph.get_attr(f"{q}.{attr}") for q in quantizers)
                      for key, attr in (("steps", "scale"), ("signed", "signed_flag"), ("ready", "initialized"))}

@@ -125,7 +125,12 @@ def deployed_output(layer, x: torch.Tensor, input_step: torch.Tensor,
     return (total * unit.float().reshape(shape)).to(x.dtype)
 
 
-# -- the residual join -----------------------------------------------------------------------
+# -- the joins: adds and products of two quantized tensors -------------------------------------
+
+def float32_step(step) -> torch.Tensor:
+    """A quantizer's step as the deployed graph holds it: float32 |scale|, a scalar."""
+    return torch.as_tensor(step, dtype=torch.float32).detach().abs().reshape(())
+
 
 def container_zero_point(signed) -> int:
     """The zero point of an LSQ grid's codes in the uint8 container the exporter writes (a signed
@@ -136,7 +141,7 @@ def container_zero_point(signed) -> int:
 def qlinear_add_constants(step_a, step_b, step_out, zero_a: int, zero_b: int, zero_out: int):
     """QLinearAdd's three float32 constants: ScaleA / ScaleC, ScaleB / ScaleC and the fixed part
     ZeroPointC - (ratio_a * ZeroPointA + ratio_b * ZeroPointB), each one float32 operation."""
-    a, b, out = (torch.as_tensor(v, dtype=torch.float32).detach().abs().reshape(()) for v in (step_a, step_b, step_out))
+    a, b, out = (float32_step(v) for v in (step_a, step_b, step_out))
     ratio_a, ratio_b = a / out, b / out
     fixed = torch.tensor(float(zero_out), dtype=torch.float32) - (ratio_a * zero_a + ratio_b * zero_b)
     return ratio_a, ratio_b, fixed
@@ -158,7 +163,7 @@ def qlinear_mul_codes(codes_a: torch.Tensor, codes_b: torch.Tensor, zeros, steps
     """The uint8-container output codes of onnxruntime's QLinearMul (MLAS, x86 SSE2 kernel):
     ``rint(float32((a - za) * (b - zb)) * ratio + zc)``, ratio = float32(sa * sb) / sc, the multiply
     and the add rounded separately, saturated to [0, 255]; as float32."""
-    step_a, step_b, step_out = (torch.as_tensor(v, dtype=torch.float32).detach().abs().reshape(()) for v in steps)
+    step_a, step_b, step_out = (float32_step(v) for v in steps)
     ratio = step_a * step_b / step_out
     product = ((codes_a - zeros[0]) * (codes_b - zeros[1])).float()  # integers below 2^17: exact
     return torch.clamp(torch.round(product * ratio + float(zeros[2])), 0, 255)
@@ -173,39 +178,32 @@ class IntegerJoin(nn.Module):
     finds exactly the deployed codes. The float op on two fake-quantized tensors differs from it at
     rounding boundaries, and at 8-bit activations often enough to move the logits of a deep
     network. ``steps``/``signed``/``ready``: the three quantizers' ``scale``, ``signed_flag`` and
-    ``initialized`` (operand a, operand b, output)."""
+    ``initialized`` (operand a, operand b, output). Subclasses name the two computations."""
 
-    def float_op(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
-
-    def deployed_codes(self, codes_a, codes_b, zeros, steps) -> torch.Tensor:
-        raise NotImplementedError
+    float_op: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # training: the float op
+    deployed_codes: Callable[..., torch.Tensor]  # (codes_a, codes_b, zeros, steps) -> container codes
 
     def forward(self, a: torch.Tensor, b: torch.Tensor, steps=None, signed=None, ready=None) -> torch.Tensor:
         if self.training or steps is None or not all(bool(flag) for flag in ready):
             return self.float_op(a, b)
         zeros = [container_zero_point(flag) for flag in signed]
-        codes = [torch.round(x.detach() / step.detach().abs().float().reshape(())) + zero
-                 for x, step, zero in zip((a, b), steps, zeros)]
+        codes = [torch.round(x.detach() / float32_step(step)) + zero for x, step, zero in zip((a, b), steps, zeros)]
         out = self.deployed_codes(*codes, zeros, steps)
-        return ((out - zeros[2]) * steps[2].detach().abs().float().reshape(())).to(a.dtype)
+        return ((out - zeros[2]) * float32_step(steps[2])).to(a.dtype)
 
 
 class IntegerAdd(IntegerJoin):
     """A residual join: in eval mode the sum onnxruntime's QLinearAdd computes (``qlinear_add_codes``)."""
 
-    def float_op(self, a, b):
-        return a + b
+    float_op = staticmethod(torch.add)
 
-    def deployed_codes(self, codes_a, codes_b, zeros, steps):
+    @staticmethod
+    def deployed_codes(codes_a, codes_b, zeros, steps):
         return qlinear_add_codes(codes_a, codes_b, *qlinear_add_constants(*steps, *zeros))
 
 
 class IntegerMul(IntegerJoin):
     """A product of codes (squeeze-excitation's x * gate): in eval mode QLinearMul's (``qlinear_mul_codes``)."""
 
-    def float_op(self, a, b):
-        return a * b
-
-    def deployed_codes(self, codes_a, codes_b, zeros, steps):
-        return qlinear_mul_codes(codes_a, codes_b, zeros, steps)
+    float_op = staticmethod(torch.mul)
+    deployed_codes = staticmethod(qlinear_mul_codes)
