@@ -402,6 +402,23 @@ def collect(args) -> dict[str, dict[tuple[str, int], float]]:
     return table
 
 
+def comparisons(names) -> list[tuple[str, str]]:
+    """The paired differences the tables report, as (run, baseline) names: every GAQAT rule against
+    SAGM at its bit width (and W4A4 against FP SAGM, the bar), every variant rule against the default
+    rule, full-precision SAGM against quantized SAGM (the paper's premise), and SAGM against LSQ."""
+    names = sorted(set(names))
+    quantized = [n for n in names if n.startswith("w")]
+    pairs = []
+    for name in (n for n in quantized if "gaqat" in n):
+        width = name.split("-")[0]
+        pairs += [(name, f"{width}-sagm")] + ([(name, FP)] if width == "w4" else [])
+        if name != f"{width}-gaqat":
+            pairs.append((name, f"{width}-gaqat"))
+    pairs += [(FP, n) for n in quantized if n.endswith("-sagm")]
+    pairs += [(n, n.replace("-sagm", "-lsq")) for n in quantized if n.endswith("-sagm")]
+    return pairs
+
+
 def summarize(args, table, grid_seconds: float | None, overhead: dict | None) -> str:
     targets, seeds = args.targets, args.seeds
     lines = ["| run | " + " | ".join(targets) + " | mean over targets |", "|---" * (len(targets) + 2) + "|"]
@@ -414,12 +431,7 @@ def summarize(args, table, grid_seconds: float | None, overhead: dict | None) ->
         lines.append(f"| {label} | " + " | ".join(cells) + f" | {mean_std(per_seed)} |")
     lines += ["", "Paired differences in target accuracy (points), per (target, seed); mean and 95% t-interval:", "",
               "| comparison | pairs | mean | 95% interval | per pair |", "|---|---|---|---|---|"]
-    comparisons = [(name, baseline) for name in sorted(n for n in table if n.startswith("w") and "gaqat" in n
-                                                       and ":" not in n)
-                   for baseline in (f"{name.split('-')[0]}-sagm", FP) if baseline != FP or name.startswith("w4")]
-    # the paper's premise: how much of full-precision SAGM's accuracy does quantized SAGM lose?
-    comparisons += [(FP, name) for name in sorted(n for n in table if n.startswith("w") and n.endswith("-sagm"))]
-    for name, baseline in comparisons:
+    for name, baseline in comparisons(n for n in table if ":" not in n):
         common = [k for k in table.get(name, {}) if k in table.get(baseline, {})]
         if not common:
             continue

@@ -139,3 +139,15 @@ def test_disorder_summary_reads_the_grid_results(tmp_path):
     table = (tmp_path / "disorder.md").read_text()
     assert "| w3-gaqat | 2 | 0.550 [0.550, 0.550] | 0.150 [0.150, 0.150] |" in table
     assert (tmp_path / "disorder.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_summary_compares_each_rule_with_sagm_the_default_rule_and_fp():
+    names = ["fp32-sagm", "w3-sagm", "w3-gaqat", "w3-gaqat-layer", "w3-lsq", "w4-sagm", "w4-gaqat", "w4-lsq"]
+    pairs = gaqat_grid.comparisons(names)
+    assert ("w3-gaqat-layer", "w3-sagm") in pairs and ("w3-gaqat-layer", "w3-gaqat") in pairs
+    assert ("w4-gaqat", "fp32-sagm") in pairs and ("w3-gaqat", "fp32-sagm") not in pairs
+    assert ("w3-gaqat", "w3-gaqat") not in pairs
+    assert {("fp32-sagm", "w3-sagm"), ("fp32-sagm", "w4-sagm"), ("w3-sagm", "w3-lsq"), ("w4-sagm", "w4-lsq")} <= set(pairs)
+    table = {"w3-gaqat": {("mnist", 0): 50.0, ("syn", 0): 40.0}, "w3-sagm": {("mnist", 0): 49.0, ("syn", 0): 38.0}}
+    args = SimpleNamespace(targets=["mnist", "syn"], seeds=[0])
+    assert "| w3-gaqat − w3-sagm | 2 | +1.50 |" in gaqat_grid.summarize(args, table, None, None)
