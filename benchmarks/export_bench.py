@@ -26,7 +26,6 @@ import copy
 import json
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 

@@ -137,8 +137,12 @@ def test_disorder_summary_reads_the_grid_results(tmp_path):
     assert found["disorder_first_third"] == pytest.approx(0.55) and found["disorder_last_third"] == pytest.approx(0.15)
     assert (found["conflict_lower"], found["conflict_middle"], found["conflict_upper"]) == pytest.approx((0.5, 0.3, 0.1))
     table = (tmp_path / "disorder.md").read_text()
-    assert "| w3-gaqat | 2 | 0.550 [0.550, 0.550] | 0.150 [0.150, 0.150] |" in table
-    assert (tmp_path / "disorder.png").read_bytes()[:4] == b"\x89PNG"
+    assert "| w3-gaqat | 2 | 0.550 [0.550, 0.550] | 0.150 [0.150, 0.150] | 0.350 [0.350, 0.350] |" in table
+    for png in ("disorder.png", "disorder-w3-gaqat-disorder.png", "disorder-w3-gaqat-conflict.png"):
+        assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"
+    runs = gaqat_disorder.collect(tmp_path)["w3-gaqat"]
+    assert gaqat_disorder.mean_over_pairs(runs, "conflict")[0] == pytest.approx(conflict[0])
+    assert gaqat_disorder.mean_over_pairs(runs, "disorder_curve") == pytest.approx([0.6 - 0.1 * c for c in range(checks)])
 
 
 def test_summary_compares_each_rule_with_sagm_the_default_rule_and_fp():

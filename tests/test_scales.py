@@ -7,7 +7,7 @@ from torch import nn
 from qtool.models import resnet20
 from qtool.quant.lsq import LSQQuantizer
 from qtool.quant.prepare import prepare, quantizable_layers
-from qtool.quant.scales import scale_parameters
+from qtool.quant.scales import execution_order, scale_parameters
 
 
 def test_qtool_model_lists_weight_and_tensor_scales_of_every_quantizer():
@@ -28,6 +28,19 @@ def test_qtool_model_lists_weight_and_tensor_scales_of_every_quantizer():
     # per output channel for weights, one value per tensor
     by_name = {s.quantizer: s.parameter for s in scales}
     assert by_name["conv1.weight_quantizer"].shape == (16,) and by_name["qtool_act.x"].shape == (1,)
+
+
+def test_execution_order_is_network_depth_not_registration_order():
+    model = prepare(resnet20(), bits=3, act_bits=3)
+    model.train()
+    order = execution_order(model, torch.randn(2, 3, 32, 32))
+    assert sorted(order) == sorted(s.quantizer for s in scale_parameters(model)) and model.training
+    assert order[:4] == ["qtool_act.x", "conv1.weight_quantizer", "qtool_act.relu", "layers.0.0.conv1.weight_quantizer"]
+    assert order[-2:] == ["qtool_act.pool", "fc.weight_quantizer"]
+    # every block's weights are reached before the next block's, whatever the registration order
+    assert order.index("layers.1.0.conv1.weight_quantizer") < order.index("qtool_act.layers_1_0_relu1") \
+        < order.index("layers.1.0.conv2.weight_quantizer") < order.index("layers.2.0.conv1.weight_quantizer")
+    assert not model.get_submodule("layers.0.0.conv1")._forward_pre_hooks  # the hooks are gone
 
 
 def test_layer_swapped_model_lists_weight_and_input_scale_of_every_layer():

@@ -38,7 +38,7 @@ from qtool.lowbit import ops
 from qtool.quant.binary import BinaryConv2d
 from qtool.quant.graph import GRAPH_KWARGS
 from qtool.quant.integer import folded_affine, integer_layer
-from qtool.quant.layers import QuantConv2d, QuantizedLayer, QuantLinear
+from qtool.quant.layers import QuantConv2d, QuantizedLayer
 from qtool.quant.lsq import LSQQuantizer
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 from qtool.quant.graph import ACT_CONTAINER
@@ -53,6 +54,28 @@ def scale_parameters(model: nn.Module) -> list[ScaleParameter]:
                 if id(parameter) in names:
                     found.append(ScaleParameter(quantizer, _parent(quantizer), names[id(parameter)], parameter))
     return [s for s in found if s.parameter.requires_grad]
+
+
+def execution_order(model: nn.Module, example: torch.Tensor) -> list[str]:
+    """The quantizer paths of ``scale_parameters(model)`` in the order one forward pass of
+    ``example`` reaches them: network depth, which registration order is not (a graph-prepared
+    model registers every tensor quantizer after all the layers). A weight quantizer is reached
+    with its layer; a quantizer the pass never reaches is left out."""
+    modules = dict(model.named_modules())
+    order: list[str] = []
+    hooks = [modules[s.quantizer if s.layer == s.quantizer else s.layer].register_forward_pre_hook(
+                 lambda module, args, name=s.quantizer: None if name in order else order.append(name))
+             for s in scale_parameters(model)]
+    training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(example)
+    finally:
+        model.train(training)
+        for hook in hooks:
+            hook.remove()
+    return order
 
 
 def _parent(path: str) -> str:
