@@ -32,9 +32,12 @@ def thirds(values: list) -> tuple[list, list, list]:
 
 
 def depth_order(report: dict) -> list[str] | None:
-    """The report's quantizers in network depth (one forward pass of the same prepared model), or
-    None when that model cannot be rebuilt with the same quantizers. The recorded order is
-    registration order, which lists every weight quantizer before every tensor quantizer."""
+    """The report's quantizers in network depth: as the run recorded it (``depth_order``), else
+    from one forward pass of the same prepared model, or None when that model cannot be rebuilt
+    with the same quantizers. ``layers`` is registration order, which lists every weight
+    quantizer before every tensor quantizer."""
+    if report["gaqat"].get("depth_order"):
+        return report["gaqat"]["depth_order"]
     import torch
 
     from qtool.models import build_model

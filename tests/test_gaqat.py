@@ -265,6 +265,10 @@ def test_quantize_gaqat_writes_report_keys_and_heatmap(tmp_path):
     assert all(isinstance(v, bool) for row in gaqat["frozen"] for v in row)
     assert gaqat["frozen"] == [[d < 0.5 for d in row] for row in gaqat["disorder"]]
     assert (tmp_path / "run" / "gaqat.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # by depth: the input's quantizer first, each weight quantizer right before its layer's output
+    depth = gaqat["depth_order"]
+    assert sorted(depth) == sorted(gaqat["layers"]) and depth != gaqat["layers"]
+    assert depth[:2] == ["qtool_act.x", gaqat["layers"][0]] and depth[-1] == gaqat["layers"][4]  # the classifier
 
 
 def test_bad_gaqat_option_fails_before_training(tmp_path, capsys):

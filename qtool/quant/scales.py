@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import nn
@@ -56,16 +57,28 @@ def scale_parameters(model: nn.Module) -> list[ScaleParameter]:
     return [s for s in found if s.parameter.requires_grad]
 
 
-def execution_order(model: nn.Module, example: torch.Tensor) -> list[str]:
-    """The quantizer paths of ``scale_parameters(model)`` in the order one forward pass of
-    ``example`` reaches them: network depth, which registration order is not (a graph-prepared
-    model registers every tensor quantizer after all the layers). A weight quantizer is reached
-    with its layer; a quantizer the pass never reaches is left out."""
+def watch_execution_order(model: nn.Module) -> tuple[list[str], Callable[[], None]]:
+    """A list that the next forward pass of ``model`` fills with the quantizer paths of
+    ``scale_parameters(model)`` in the order it reaches them (network depth, which registration
+    order is not: a graph-prepared model registers every tensor quantizer after all the layers),
+    and the function that removes the hooks doing it. A weight quantizer is reached with its layer;
+    a quantizer the pass never reaches is left out."""
     modules = dict(model.named_modules())
     order: list[str] = []
     hooks = [modules[s.quantizer if s.layer == s.quantizer else s.layer].register_forward_pre_hook(
                  lambda module, args, name=s.quantizer: None if name in order else order.append(name))
              for s in scale_parameters(model)]
+
+    def remove() -> None:
+        for hook in hooks:
+            hook.remove()
+
+    return order, remove
+
+
+def execution_order(model: nn.Module, example: torch.Tensor) -> list[str]:
+    """``watch_execution_order`` for one eval-mode forward pass of ``example``."""
+    order, remove = watch_execution_order(model)
     training = model.training
     try:
         model.eval()
@@ -73,8 +86,7 @@ def execution_order(model: nn.Module, example: torch.Tensor) -> list[str]:
             model(example)
     finally:
         model.train(training)
-        for hook in hooks:
-            hook.remove()
+        remove()
     return order
 
 

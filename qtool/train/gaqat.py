@@ -39,7 +39,7 @@ import torch
 from qtool.errors import QtoolError
 from qtool.options import check_method_options
 from qtool.plots import Panel, write_heatmap, write_panels
-from qtool.quant.scales import ScaleParameter, scale_parameters
+from qtool.quant.scales import ScaleParameter, scale_parameters, watch_execution_order
 from qtool.train.methods import Method, register
 from qtool.train.optim import SAGM, TwoPassGrads
 
@@ -148,6 +148,13 @@ class GAQAT:
         self.decisions = 0
         self.frozen_counts = [0] * len(self.units)  # per unit: decisions that froze it
         self.history: dict[str, list] = {"step": [], "disorder": [], "conflict": [], "frozen": []}
+        self.depth_order: list[str] = []  # the quantizers in network depth, once a forward pass showed it
+        self._stop_watching = None
+
+    def watch_depth(self, model) -> None:
+        """Learn the quantizers' network depth from the first training forward pass (for the
+        report's by-depth views; registration order puts every tensor quantizer last)."""
+        self.depth_order, self._stop_watching = watch_execution_order(model)
 
     def _unit_parameters(self, scales: list[ScaleParameter], layers: dict, unit_name: dict) -> list[list]:
         """Per unit, what freezing it withholds: the layer's parameters and its quantizers' scales."""
@@ -160,6 +167,9 @@ class GAQAT:
 
     # -- the hook -----------------------------------------------------------------------------
     def __call__(self, grads: TwoPassGrads) -> None:
+        if self._stop_watching is not None:  # a forward pass has run: the depth order is known
+            self._stop_watching()
+            self._stop_watching = None
         index = self._positions(grads.params)
         self._follow(grads.grad[index[0]].device)
         task = self._per_quantizer([grads.grad[i] for i in index])
@@ -267,6 +277,7 @@ class GAQAT:
         units, decisions = len(self.units), self.decisions
         return {"gaqat": {
             "layers": self.quantizers,  # one row per quantizer in conflict, disorder, frozen
+            "depth_order": self._depth(),  # the same quantizers in network depth (empty: unknown)
             "conflict": self.history["conflict"],
             "disorder": self.history["disorder"],
             "frozen": self.history["frozen"],
@@ -280,6 +291,10 @@ class GAQAT:
             "config": asdict(self.config),
         }}
 
+    def _depth(self) -> list[str]:
+        """``depth_order`` when it covers every quantizer, else nothing (no forward pass seen)."""
+        return list(self.depth_order) if sorted(self.depth_order) == sorted(self.quantizers) else []
+
     def write_artifacts(self, out_dir: str | Path) -> list[Path]:
         """``gaqat.png``: the deciding measure per quantizer (rows) and check (columns), frozen cells
         dotted; ``gaqat-measures.png``: disorder and conflict over the run, by depth."""
@@ -288,14 +303,16 @@ class GAQAT:
         frozen = {"task": "g_task frozen", "smooth": "g_smooth frozen", "all": "scale frozen",
                   "layer": "layer frozen"}[config.freeze]
         rule = f"{config.measure} {'<' if config.when == 'low' else '>'} {config.tau}"
+        rows = by_depth(self.quantizers, self._depth())
         heatmap = write_heatmap(
-            Path(out_dir) / "gaqat.png", self.history[config.measure], self.quantizers,
-            [str(step) for step in self.history["step"]], self.history["frozen"],
+            Path(out_dir) / "gaqat.png", [[check[i] for i in rows] for check in self.history[config.measure]],
+            [self.quantizers[i] for i in rows], [str(step) for step in self.history["step"]],
+            [[check[i] for i in rows] for check in self.history["frozen"]],
             title=f"GAQAT: {measure} per quantizer (window {config.window} steps)\n"
                   f"red dots: {frozen} ({rule}{', permanent' if config.permanent else ''})",
             colorbar=config.measure, xlabel="training step of the check",
         )
-        return [heatmap, write_measure_plot(Path(out_dir) / "gaqat-measures.png", self.history, config.window)]
+        return [heatmap, write_measure_plot(Path(out_dir) / "gaqat-measures.png", self.history, config.window, rows)]
 
     def state_dict(self) -> dict:
         """On the CPU, so a checkpoint loads on any machine."""
@@ -324,13 +341,23 @@ class GAQAT:
                                             or [0] * len(self.units)))
 
 
-def write_measure_plot(path: Path, history: dict, window: int) -> Path:
+def by_depth(quantizers: list[str], depth_order: list[str]) -> list[int]:
+    """Indices of ``quantizers`` in network depth; registration order when the depth is unknown."""
+    if not depth_order:
+        return list(range(len(quantizers)))
+    position = {name: i for i, name in enumerate(quantizers)}
+    return [position[name] for name in depth_order]
+
+
+def write_measure_plot(path: Path, history: dict, window: int, depth: list[int] | None = None) -> Path:
     """Disorder of g_task and task/smooth conflict over the run: the median over quantizers and the
-    mean of the lower, middle and upper third of the network (quantizers in registration order)."""
+    mean of the lower, middle and upper third of the network (``depth``: quantizer indices from
+    input to output; registration order without it)."""
     steps = history["step"]
     count = len(history["disorder"][0]) if history["disorder"] else 0
-    thirds = {"lower third": range(0, count // 3), "middle third": range(count // 3, 2 * count // 3),
-              "upper third": range(2 * count // 3, count)}
+    depth = depth or list(range(count))
+    thirds = {"lower third": depth[:count // 3], "middle third": depth[count // 3:2 * count // 3],
+              "upper third": depth[2 * count // 3:]}
 
     def lines(rows: list[list[float]]) -> dict:
         found = {"median": (steps, [statistics.median(row) for row in rows])}
@@ -363,6 +390,7 @@ def setup(model, trainer, options: dict) -> list:
         raise QtoolError("gaqat edits SAGM's two-pass direction; it needs the sagm optimizer")
     scales = scale_parameters(model)
     gaqat = GAQAT(scales, config, _weighted_layers(model, scales) if config.layer_wise else None)
+    gaqat.watch_depth(model)
     trainer.optimizer.hooks.append(gaqat)
     return [*trainer.callbacks, gaqat]
 
