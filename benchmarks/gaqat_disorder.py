@@ -10,8 +10,9 @@ rule, maps of both measures per quantizer over the whole run (``disorder-<rule>-
     python benchmarks/gaqat_disorder.py --results DIR --out DIR/disorder
 
 Per run: median over quantizers at each check, then the first and last third of the checks;
-per depth: quantizers in network depth (the order one forward pass of the rebuilt model reaches
-them) split into thirds (lower / middle / upper), median conflict over all checks. Runs are summarized by their mean and range.
+per depth: quantizers in network depth (as the run recorded it, or the order one forward pass
+of the rebuilt model reaches them) split into thirds (lower / middle / upper), median conflict
+and disorder over all checks. Runs are summarized by their mean and range.
 """
 
 from __future__ import annotations
@@ -62,8 +63,10 @@ def run_summary(gaqat: dict, order: list[str] | None = None) -> dict:
     """Medians over quantizers per check; their first/last third; conflict by depth (lower /
     middle / upper third of the quantizers in ``order``, the recorded order without one); the
     [checks][quantizers] measures in that order for the per-quantizer maps."""
+    from qtool.train.gaqat import by_depth
+
     names = gaqat.get("layers") or [f"quantizer {i}" for i in range(len(gaqat["disorder"][0]))]
-    columns = [names.index(name) for name in order] if order else list(range(len(names)))
+    columns = by_depth(names, order or [])
     disorder = [[row[i] for i in columns] for row in gaqat["disorder"]]  # [checks][quantizers]
     conflict = [[row[i] for i in columns] for row in gaqat["conflict"]]
     per_check_disorder = [statistics.median(row) for row in disorder]
@@ -126,8 +129,8 @@ def mean_over_pairs(runs: dict[str, dict], key: str) -> list:
 
 def plot(found: dict[str, dict[str, dict]], path: Path) -> list[Path]:
     """``path``: per rule, the mean over its pairs of the per-check medians (disorder and conflict);
-    ``<stem>-<rule>.png``: per quantizer (rows, network depth where known) and check (columns), the mean over the
-    pairs of the disorder of g_task and of the task/smooth conflict. All pairs of a rule share the
+    ``<stem>-<rule>-<measure>.png``: per quantizer (rows, network depth where known) and check
+    (columns), the mean over the pairs of the disorder of g_task and of the task/smooth conflict. All pairs of a rule share the
     model, so their quantizers line up."""
     from qtool.plots import Panel, write_heatmap, write_panels
 
