@@ -87,6 +87,38 @@ def accuracy(args) -> None:
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "summary.json").write_text(json.dumps(summary, indent=2))
     print_summary(summary)
+    print(f"curves: {write_curves(args, settings, Path(args.results) / 'curves.png')}")
+
+
+def write_curves(args, settings: list[str], path: Path) -> Path | None:
+    """The tables' evidence in one PNG: every run's source-validation curve per setting (so each
+    convergence verdict can be seen), and ReSTE's indicators per epoch as o rises to 3."""
+    from qtool.plots import Panel, write_panels
+
+    panels, error, stability = [], {}, {}
+    for setting in settings:
+        lines = {}
+        for method in METHODS:
+            for seed in args.seeds:
+                result_file = result_path(args, setting, method, seed)
+                if not result_file.exists():
+                    continue
+                result = json.loads(result_file.read_text())
+                curve = result["convergence"]["qat"]["curve"]
+                lines[f"{method} seed {seed}"] = ([p["step"] for p in curve], [100 * p["val"] for p in curve])
+                history, epochs = result["estimator"], list(range(1, len(result["estimator"]["o"]) + 1))
+                label = f"{setting.removeprefix('target-')} {method} s{seed}"
+                stability[label] = (epochs, history["gradient_stability"])
+                if method == "reste":
+                    error[label] = (epochs, history["estimating_error"])
+        if lines:
+            panels.append(Panel(f"{setting}: binary phase", "source-validation accuracy (%)", lines))
+    if not panels:
+        return None
+    panels += [Panel("ReSTE estimating error (o rises 1 -> 3)", "||sign(w) - f(w)||", error, xlabel="epoch"),
+               Panel("gradient stability var(|g|) (lower: steadier)", "var(|g|)", stability, xlabel="epoch",
+                     yscale="log")]
+    return write_panels(path, panels, title=f"binary resnet20, {args.epochs:g} binary epochs")
 
 
 def _mean_std(values: list[float]) -> dict:

@@ -120,6 +120,7 @@ def test_binary_bench_writes_paired_results_and_skips_them_next_time(digits_smal
     assert reste["full_precision"] == ste["full_precision"]  # the same FP start
     assert reste["target_domain"] == "mnist_m" and "--method reste" in reste["command"]
     assert "| in-distribution | 1 | source_val_accuracy |" in out
+    assert (tmp_path / "results" / "curves.png").read_bytes()[:4] == b"\x89PNG"
     binary_bench.main(common)
     assert "exit 0" not in capsys.readouterr().out  # all four skipped
 
