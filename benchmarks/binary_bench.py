@@ -27,7 +27,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from run_results import compact, write_result
+from run_results import compact, t_interval, write_result
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / ".." / "shared" / "data" / "digits_dg.npz"  # the README's ../shared, from the repository root
@@ -147,21 +147,23 @@ def summarize(args, settings: list[str]) -> dict:
             }
             fp = [r["full_precision"][key] for r in reports]
         gap = [a - b for a, b in zip(rows["reste"]["accuracy"]["values"], rows["ste"]["accuracy"]["values"])]
+        _, low, high = t_interval(gap)
         summary[setting] = {"metric": key, "seeds": seeds, "full_precision": _mean_std(fp), **rows,
-                            "reste_minus_ste": _mean_std(gap)}
+                            "reste_minus_ste": {**_mean_std(gap), "interval_95": [low, high]}}
     return summary
 
 
 def print_summary(summary: dict) -> None:
     pct = lambda s: f"{100 * s['mean']:.2f} ± {100 * s['std']:.2f}"  # noqa: E731
-    print("| setting | seeds | metric | FP start | STE | ReSTE | ReSTE − STE (paired) | source-val STE / ReSTE | "
-          "converged STE / ReSTE |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    interval = lambda s: f"[{100 * s['interval_95'][0]:+.2f}, {100 * s['interval_95'][1]:+.2f}]"  # noqa: E731
+    print("| setting | seeds | metric | FP start | STE | ReSTE | ReSTE − STE (paired) | its 95 % t-interval | "
+          "source-val STE / ReSTE | converged STE / ReSTE |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for setting, row in summary.items():
         verdicts = " / ".join(f"{sum(1 for v in row[m]['converged'] if v)}/{len(row[m]['converged'])}"
                               for m in ("ste", "reste"))
         print(f"| {setting} | {len(row['seeds'])} | {row['metric']} | {pct(row['full_precision'])} | "
-              f"{pct(row['ste']['accuracy'])} | {pct(row['reste']['accuracy'])} | {pct(row['reste_minus_ste'])} | "
+              f"{pct(row['ste']['accuracy'])} | {pct(row['reste']['accuracy'])} | {pct(row['reste_minus_ste'])} | {interval(row['reste_minus_ste'])} | "
               f"{pct(row['ste']['source_val_accuracy'])} / {pct(row['reste']['source_val_accuracy'])} | {verdicts} |")
 
 

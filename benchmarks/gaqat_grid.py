@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import statistics
 import subprocess
@@ -43,7 +42,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from run_results import compact, write_result
+from run_results import compact, t_interval, write_result
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / ".." / "shared" / "data" / "digits_dg.npz"  # the README's ../shared, from the repository root
@@ -363,17 +362,6 @@ def measure_overhead(args) -> dict:
 
 
 # -- summary --------------------------------------------------------------------------------
-
-def t_interval(values: list[float]) -> tuple[float, float, float]:
-    """Mean and 95% t-interval of ``values``."""
-    from scipy import stats
-
-    mean = statistics.fmean(values)
-    if len(values) < 2:
-        return mean, math.nan, math.nan
-    half = stats.t.ppf(0.975, len(values) - 1) * statistics.stdev(values) / math.sqrt(len(values))
-    return mean, mean - half, mean + half
-
 
 def mean_std(values: list[float]) -> str:
     if not values:

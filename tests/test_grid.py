@@ -156,3 +156,11 @@ def test_summary_compares_each_rule_with_sagm_the_default_rule_and_fp():
     table = {"w3-gaqat": {("mnist", 0): 50.0, ("syn", 0): 40.0}, "w3-sagm": {("mnist", 0): 49.0, ("syn", 0): 38.0}}
     args = SimpleNamespace(targets=["mnist", "syn"], seeds=[0])
     assert "| w3-gaqat − w3-sagm | 2 | +1.50 |" in gaqat_grid.summarize(args, table, None, None)
+
+
+def test_t_interval_matches_the_t_table():
+    from run_results import t_interval
+
+    mean, low, high = t_interval([1.0, 2.0, 3.0])  # sd 1, n 3: half-width t(0.975, 2) / sqrt(3) = 4.3027 / 1.7321
+    assert mean == 2.0 and (low, high) == pytest.approx((2.0 - 2.4841, 2.0 + 2.4841), abs=1e-4)
+    assert t_interval([0.5])[0] == 0.5 and all(v != v for v in t_interval([0.5])[1:])  # one pair: no interval (NaN)
