@@ -67,6 +67,28 @@ def print_quantize_summary(report: dict, out: str) -> None:
     table.add_row("mean source val", "", _pct(fp.get("source_val_accuracy")), _pct(report["source_val_accuracy"]))
     stdout.print(table)
     stdout.print(f"{report['steps']} QAT steps in {report['seconds']:.0f} s; wrote {out}/model.pt and {out}/report.json")
+    for line in convergence_lines(report.get("convergence", {})):
+        stdout.print(line)
+
+
+# the flag that gives each phase a longer budget
+BUDGET_FLAGS = {"pretrain": "--pretrain-epochs", "qat": "--epochs"}
+
+
+def convergence_lines(phases: dict) -> list[str]:
+    """One line per training phase: its convergence verdict, and for a curve still rising, the flag
+    that lengthens it (accuracy from such a run understates what the method reaches)."""
+    from qtool.train.convergence import GAIN_POINTS, verdict
+
+    lines = []
+    for phase, entry in phases.items():
+        if phase not in BUDGET_FLAGS:
+            continue  # "rule": the text of the rule, not a phase
+        line = f"{phase}: {verdict(entry)}"
+        if entry.get("converged") is False:
+            line += f"; the curve still rises (rule: under {GAIN_POINTS:g}): a larger {BUDGET_FLAGS[phase]} may gain more"
+        lines.append(line)
+    return lines
 
 
 def print_eval_summary(report: dict) -> None:
@@ -83,7 +105,9 @@ def print_export_summary(result, verify_domain: str | None) -> None:
     """What the export wrote, what onnxruntime will run, and how well it matches PyTorch."""
     from qtool.onnxrt import float_layers, integer_layers
 
-    ops = lambda counts: ", ".join(f"{op}×{n}" for op, n in sorted(counts.items(), key=lambda kv: -kv[1])) or "-"
+    def ops(counts: dict) -> str:
+        return ", ".join(f"{op}×{n}" for op, n in sorted(counts.items(), key=lambda kv: -kv[1])) or "-"
+
     table = Table(title=f"{result.path}: {result.bytes / 1024:.1f} KiB, opset {result.opset}, {result.weight_storage} weights")
     table.add_column("")
     table.add_column("")

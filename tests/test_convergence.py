@@ -40,7 +40,7 @@ def test_too_few_evaluations_give_no_verdict():
     assert convergence([{"step": 5, "loss": 1.0}], {})["curve"] == []  # steps without an evaluation are no points
 
 
-def test_quantize_report_carries_both_curves_and_the_plot(tmp_path):
+def test_quantize_report_carries_both_curves_and_the_plot(tmp_path, capsys):
     from qtool.cli import main
 
     out = tmp_path / "run"
@@ -64,6 +64,9 @@ def test_quantize_report_carries_both_curves_and_the_plot(tmp_path):
     assert max(p["val"] for p in qat["curve"]) == pytest.approx(max(r["val"] for r in report["history"]))
     assert (out / "convergence.png").read_bytes()[:4] == b"\x89PNG"
     assert report["full_precision"]["convergence"] == pretrain  # the cache keeps the start's curve
+    printed = capsys.readouterr().out
+    for phase in ("pretrain", "qat"):  # the summary tells the user each phase's verdict
+        assert f"{phase}: " + ("converged" if record[phase]["converged"] else "NOT converged") in printed
 
 
 def test_pretrain_cache_key_depends_on_pretraining_settings_only():
@@ -113,3 +116,15 @@ def test_pretrain_key_follows_the_archive_content_not_its_path_or_time(tmp_path)
     with open(copy, "ab") as handle:  # other bytes: another start
         handle.write(b"\0")
     assert pretrain_key(QuantizeOptions(model="resnet20", out="x", data=str(copy)), data) != key
+
+
+def test_the_quantize_summary_says_which_phases_converged():
+    from qtool.progress import convergence_lines
+
+    phases = {"rule": "…", "pretrain": {"converged": True, "last_third_gain": 0.213},
+              "qat": {"converged": False, "last_third_gain": 1.337}}
+    assert convergence_lines(phases) == [
+        "pretrain: converged (last third +0.21 pts)",
+        "qat: NOT converged (last third +1.34 pts); the curve still rises (rule: under 0.5): a larger --epochs may gain more"]
+    assert convergence_lines({"qat": {"converged": None, "last_third_gain": None}}) == ["qat: too few evaluations"]
+    assert convergence_lines({"qat": {"converged": True, "last_third_gain": -0.4}}) == ["qat: converged (last third -0.40 pts)"]

@@ -40,6 +40,13 @@ def convergence(history: list[dict], budget: dict) -> dict:
             "converged": None if gain is None else gain < GAIN_POINTS, "budget": budget}
 
 
+def verdict(entry: dict) -> str:
+    """A phase's verdict in words: "converged (last third +0.21 pts)", "NOT converged (...)"."""
+    gain = entry.get("last_third_gain")
+    word = {True: "converged", False: "NOT converged", None: "too few evaluations"}[entry.get("converged")]
+    return word + (f" (last third {gain:+.2f} pts)" if gain is not None else "")
+
+
 def write_curve_plot(path, phases: dict[str, dict]) -> object:
     """``convergence.png``: one panel per phase (pre-training, QAT) with the mean and per-domain curves."""
     from qtool.plots import Panel, write_panels
@@ -53,10 +60,8 @@ def write_curve_plot(path, phases: dict[str, dict]) -> object:
         lines = {"mean": (steps, [100 * p["val"] for p in points])}
         for domain in points[0]["per_domain"]:
             lines[domain] = (steps, [100 * p["per_domain"][domain] for p in points])
-        verdict = {True: "converged", False: "NOT converged", None: "too few evaluations"}[entry.get("converged")]
-        gain = entry.get("last_third_gain")
         budget = entry.get("budget") or {}
-        panels.append(Panel(f"{phase}: {verdict}" + (f" (last third +{gain:.2f} pts)" if gain is not None else "")
+        panels.append(Panel(f"{phase}: {verdict(entry)}"
                             + (f", {budget['epochs']:g} epochs = {budget['steps']} steps" if budget else ""),
                             "source-validation accuracy (%)", lines))
     if not panels:
