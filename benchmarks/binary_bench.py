@@ -155,7 +155,10 @@ def summarize(args, settings: list[str]) -> dict:
 
 def print_summary(summary: dict) -> None:
     pct = lambda s: f"{100 * s['mean']:.2f} ± {100 * s['std']:.2f}"  # noqa: E731
-    interval = lambda s: f"[{100 * s['interval_95'][0]:+.2f}, {100 * s['interval_95'][1]:+.2f}]"  # noqa: E731
+    def interval(s: dict) -> str:  # one seed has no interval (NaN)
+        low, high = s["interval_95"]
+        return "–" if low != low else f"[{100 * low:+.2f}, {100 * high:+.2f}]"
+
     print("| setting | seeds | metric | FP start | STE | ReSTE | ReSTE − STE (paired) | its 95 % t-interval | "
           "source-val STE / ReSTE | converged STE / ReSTE |")
     print("|---|---|---|---|---|---|---|---|---|---|")
