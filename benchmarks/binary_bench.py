@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import subprocess
 import sys
@@ -106,7 +107,8 @@ def write_curves(args, settings: list[str], path: Path) -> Path | None:
                 result = json.loads(result_file.read_text())
                 curve = result["convergence"]["qat"]["curve"]
                 lines[f"{method} seed {seed}"] = ([p["step"] for p in curve], [100 * p["val"] for p in curve])
-                history, epochs = result["estimator"], list(range(1, len(result["estimator"]["o"]) + 1))
+                history = result["estimator"]
+                epochs = list(range(1, len(history["o"]) + 1))
                 label = f"{setting.removeprefix('target-')} {method} s{seed}"
                 stability[label] = (epochs, history["gradient_stability"])
                 if method == "reste":
@@ -155,9 +157,10 @@ def summarize(args, settings: list[str]) -> dict:
 
 def print_summary(summary: dict) -> None:
     pct = lambda s: f"{100 * s['mean']:.2f} ± {100 * s['std']:.2f}"  # noqa: E731
-    def interval(s: dict) -> str:  # one seed has no interval (NaN)
+
+    def interval(s: dict) -> str:
         low, high = s["interval_95"]
-        return "–" if low != low else f"[{100 * low:+.2f}, {100 * high:+.2f}]"
+        return "–" if math.isnan(low) else f"[{100 * low:+.2f}, {100 * high:+.2f}]"  # NaN: one seed
 
     print("| setting | seeds | metric | FP start | STE | ReSTE | ReSTE − STE (paired) | its 95 % t-interval | "
           "source-val STE / ReSTE | converged STE / ReSTE |")
