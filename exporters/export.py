@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,6 +20,7 @@ import onnx
 import torch
 from torch import nn
 
+from qtool import emulated_cpu
 from qtool.atomic import atomic_path
 from qtool.errors import QtoolError
 from qtool.exporters.adapters import ExportError
@@ -95,15 +97,22 @@ def _check_kernels(census: dict[str, int], quantized: int, floating: int) -> Non
 def export(model: nn.Module, example_input: torch.Tensor, path: str | os.PathLike, *,
            verify: torch.Tensor | None = None, labels: torch.Tensor | None = None,
            calibration: torch.Tensor | None = None, weight_storage: str = "int8", opset: int | None = None,
-           numerics: str = "faithful", threads: int = 1) -> ExportResult:
+           numerics: str = "faithful", threads: int = 1, verify_cpus: Sequence[str] = ()) -> ExportResult:
     """Export ``model`` (qtool-prepared, Brevitas, or plain float) to ``path``.
 
     ``example_input`` fixes the input shape (any batch size). ``calibration`` (default: the
     example) is a representative batch used only for tensors the model does not quantize itself,
     such as residual sums. ``verify`` runs onnxruntime and PyTorch on those inputs and raises
-    ``VerificationError`` when they disagree beyond the tolerances (nothing is written then).
+    ``VerificationError`` when they disagree beyond the tolerances (nothing is written then);
+    ``verify_cpus`` (names from ``qtool.emulated_cpu.CPUS``) repeats that check on emulated CPUs.
     """
     opset = _opset(weight_storage, opset)
+    if verify_cpus:
+        if verify is None:
+            raise QtoolError("checking other CPUs needs verification inputs (--verify N)")
+        for cpu in verify_cpus:
+            emulated_cpu.describe(cpu)  # an unknown name fails here, before the export's work
+        emulated_cpu.emulator()
     if numerics not in NUMERICS:
         raise QtoolError(f"numerics must be one of {', '.join(NUMERICS)}, got {numerics!r}")
     path = check_output_path(path)
@@ -139,7 +148,7 @@ def export(model: nn.Module, example_input: torch.Tensor, path: str | os.PathLik
         _check_kernels(census, quantized, len(weighted) - quantized + affines)
         verification = None
         if verify is not None:
-            verification = compare(model, data, verify, labels, threads)
+            verification = compare(model, data, verify, labels, threads, cpus=verify_cpus)
             if not verification.passed:
                 hint = ("; fast numerics put float residual sums on 8-bit grids, --numerics faithful keeps them "
                         "exact" if numerics == "fast" and graph.notes else "")

@@ -37,6 +37,7 @@ class ExportOptions:
     input_shape: tuple[int, ...] | None = None
     threads: int = 1
     seed: int = 0
+    verify_cpu: tuple[str, ...] = ()
 
 
 @dataclass
@@ -135,5 +136,5 @@ def export_source(options: ExportOptions) -> tuple[ExportResult, str | None]:
     example = calibration[:1]
     result = export(loaded.model, example, options.out, verify=verify, labels=labels, calibration=calibration,
                     weight_storage=options.weight_storage, opset=options.opset, numerics=options.numerics,
-                    threads=options.threads)
+                    threads=options.threads, verify_cpus=options.verify_cpu)
     return result, domain if verify is not None else None

@@ -11,17 +11,23 @@ Pass criteria (``qtool export --verify N``):
 The same inputs also run with onnxruntime's graph optimizations off (``reference``): that is the
 ONNX graph's own float QDQ semantics, and separates an exporter bug (reference already off)
 from integer-kernel rounding (reference on, fused off).
+
+``cpus`` repeats the fused check as onnxruntime runs on other x86 CPUs (``qtool.emulated_cpu``):
+it picks its integer kernels by CPUID, so a pass on this machine says nothing about the code
+paths another CPU takes (int16 pair sums without VNNI).
 """
 
 from __future__ import annotations
 
 import copy
-from dataclasses import asdict, dataclass
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
 from torch import nn
 
+from qtool import emulated_cpu
 from qtool.errors import QtoolError
 from qtool.onnxrt import create_session
 
@@ -48,6 +54,10 @@ class Verification:
     onnx_accuracy: float | None = None
     float64_agreement: float | None = None    # PyTorch float64 vs float32: the model's own noise floor
     float64_within_step: float | None = None
+    cpu: str = "this CPU"
+    identical_to_this_cpu: bool | None = None  # an emulated CPU's logits bit-equal to this one's
+    pair_sums_saturate: bool | None = None     # that CPU's u8 x s8 kernels add pairs in int16
+    emulated: list[Verification] = field(default_factory=list)
 
     @property
     def required_within_step(self) -> float:
@@ -61,9 +71,10 @@ class Verification:
 
     @property
     def passed(self) -> bool:
-        return self.agreement >= MIN_AGREEMENT and self.within_step >= self.required_within_step
+        own = self.agreement >= MIN_AGREEMENT and self.within_step >= self.required_within_step
+        return own and all(other.passed for other in self.emulated)
 
-    def summary(self) -> str:
+    def summary(self, emulated: bool = True) -> str:
         text = (f"top-1 agreement {100 * self.agreement:.2f}% on {self.samples} samples (need >= {100 * MIN_AGREEMENT:.1f}%), "
                 f"logits within one output step (step {self.output_step:.4g}) on {100 * self.within_step:.2f}% of them "
                 f"(need >= {100 * self.required_within_step:.1f}%); largest difference "
@@ -73,10 +84,21 @@ class Verification:
         if self.float64_agreement is not None:
             text += (f" (for scale, PyTorch float64 vs float32: {100 * self.float64_agreement:.2f}% top-1, "
                      f"{100 * self.float64_within_step:.2f}% within one step)")
+        for other in self.emulated if emulated else ():
+            text += "; " + other.cpu_summary()
         return text
 
+    def cpu_summary(self) -> str:
+        """The fused check on an emulated CPU, in one clause."""
+        same = "bit-identical to" if self.identical_to_this_cpu else "different from"
+        path = {True: "yes", False: "no"}.get(self.pair_sums_saturate, "unknown")
+        return (f"on the {self.cpu}: top-1 agreement {100 * self.agreement:.2f}%, within one step "
+                f"{100 * self.within_step:.2f}%, largest difference {self.max_abs_diff / self.output_step:.1f} steps, "
+                f"logits {same} this CPU's (its u8 x s8 kernels sum pairs in int16: {path})")
+
     def to_dict(self) -> dict:
-        return {**asdict(self), "passed": self.passed}
+        fields = {key: value for key, value in asdict(self).items() if key != "emulated"}
+        return {**fields, "emulated": [other.to_dict() for other in self.emulated], "passed": self.passed}
 
 
 def _plain(output) -> torch.Tensor:
@@ -107,31 +129,40 @@ def float64_logits(model: nn.Module, inputs: torch.Tensor) -> np.ndarray | None:
         return None
 
 
+def _against(expected: np.ndarray, outputs: np.ndarray, step: float) -> dict[str, float]:
+    """Top-1 agreement, share of samples within one step, largest difference."""
+    return {"agreement": float((outputs.argmax(1) == expected.argmax(1)).mean()),
+            "within_step": float((np.abs(outputs - expected).max(axis=1) <= step).mean()),
+            "max_abs_diff": float(np.abs(outputs - expected).max())}
+
+
 def compare(model: nn.Module, onnx_model: bytes | str, inputs: torch.Tensor, labels: torch.Tensor | None = None,
-            threads: int = 1, noise_floor: bool = True) -> Verification:
+            threads: int = 1, noise_floor: bool = True, cpus: Sequence[str] = ()) -> Verification:
     """``noise_floor`` also runs PyTorch in float64: how far the model's own outputs move under a
-    change of float rounding, the yardstick for onnxruntime's differences."""
+    change of float rounding, the yardstick for onnxruntime's differences. ``cpus``: names from
+    ``qtool.emulated_cpu.CPUS`` to run the fused check on as well."""
     inputs = inputs.float().contiguous()
     expected = torch_logits(model, inputs)
     array = inputs.numpy()
     fused = onnx_logits(onnx_model, array, threads)
     reference = onnx_logits(onnx_model, array, threads, optimize=False)
     step = max(float(expected.max() - expected.min()) / 255, np.finfo(np.float32).tiny)
-    top = expected.argmax(1)
-    result = Verification(
-        samples=len(array),
-        agreement=float((fused.argmax(1) == top).mean()),
-        within_step=float((np.abs(fused - expected).max(axis=1) <= step).mean()),
-        max_abs_diff=float(np.abs(fused - expected).max()),
-        output_step=step,
-        reference_agreement=float((reference.argmax(1) == top).mean()),
-        reference_max_abs_diff=float(np.abs(reference - expected).max()),
-    )
+    unoptimized = _against(expected, reference, step)
+    result = Verification(samples=len(array), output_step=step, reference_agreement=unoptimized["agreement"],
+                          reference_max_abs_diff=unoptimized["max_abs_diff"], **_against(expected, fused, step))
     if noise_floor and (wide := float64_logits(model, inputs)) is not None:
-        result.float64_agreement = float((wide.argmax(1) == top).mean())
+        result.float64_agreement = float((wide.argmax(1) == expected.argmax(1)).mean())
         result.float64_within_step = float((np.abs(wide - expected).max(axis=1) <= step).mean())
+    for cpu in cpus:
+        theirs = emulated_cpu.run(onnx_model, array, cpu, threads)
+        result.emulated.append(Verification(
+            samples=len(array), output_step=step, reference_agreement=result.reference_agreement,
+            reference_max_abs_diff=result.reference_max_abs_diff, **_against(expected, theirs, step),
+            float64_agreement=result.float64_agreement, float64_within_step=result.float64_within_step,
+            cpu=emulated_cpu.describe(cpu), identical_to_this_cpu=bool(np.array_equal(theirs, fused)),
+            pair_sums_saturate=emulated_cpu.pair_sums_saturate(cpu)))
     if labels is not None:
         truth = labels.numpy()
-        result.torch_accuracy = float((top == truth).mean())
+        result.torch_accuracy = float((expected.argmax(1) == truth).mean())
         result.onnx_accuracy = float((fused.argmax(1) == truth).mean())
     return result

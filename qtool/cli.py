@@ -11,6 +11,7 @@ from pathlib import Path
 
 import click
 
+from qtool.emulated_cpu import CPUS as EMULATED_CPUS
 from qtool.errors import QtoolError
 from qtool.options import default
 
@@ -162,6 +163,9 @@ def eval_command(checkpoint, data, target_domain, json_path, threads):
 @click.option("-o", "--out", required=True, type=click.Path(), help="Output .onnx file (written only if every check passes).")
 @click.option("--verify", type=int, default=0, show_default=True,
               help="Compare onnxruntime with PyTorch on N held-out images; fail below 99.5% top-1 agreement.")
+@click.option("--verify-cpu", multiple=True, type=click.Choice(list(EMULATED_CPUS)),
+              help="Repeat --verify as onnxruntime runs on this x86 CPU, emulated by qemu-x86_64 (repeatable; "
+                   "avx2: AVX2 without VNNI, whose int16 pair sums a VNNI machine never exercises).")
 @click.option("--data", default=None, help="Images for calibration and --verify (default: the data the checkpoint was trained on).")
 @click.option("--target-domain", default=None, help="Domain to verify on (default: the checkpoint's held-out domain).")
 @click.option("--weight-storage", type=click.Choice(["int8", "int4"]), default="int8", show_default=True,

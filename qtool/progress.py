@@ -118,7 +118,9 @@ def print_export_summary(result, verify_domain: str | None) -> None:
     table.add_row("approximations", f"{len(result.notes)} tensors float in PyTorch, 8-bit in ONNX" if result.notes else "none")
     verification = result.verification
     if verification is not None:
-        table.add_row(f"verified on {verify_domain}", verification.summary())
+        table.add_row(f"verified on {verify_domain}", verification.summary(emulated=False))
+        for other in verification.emulated:
+            table.add_row(f"verified on {verify_domain}, emulated CPU", other.cpu_summary())
         table.add_row("onnxruntime, optimizations off",
                       f"agreement {100 * verification.reference_agreement:.2f}%, "
                       f"max |logit difference| {verification.reference_max_abs_diff:.4g}")

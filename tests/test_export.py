@@ -24,7 +24,7 @@ from qtool.onnxrt import create_session, float_layers, optimized_census
 from qtool.quant.integer import integer_layer
 from qtool.quant.prepare import prepare
 
-from tiny_models import DepthwiseResidualNet, as_inputs, synthetic_domains, trained_w4a4, write_factory
+from tiny_models import BrevitasResidualNet, DepthwiseResidualNet, as_inputs, synthetic_domains, trained_w4a4, write_factory
 
 
 @pytest.fixture(scope="module")
@@ -151,34 +151,6 @@ def test_batchnorm_folds_exactly_into_scales_and_bias_even_with_negative_gamma()
 
 
 # -- Brevitas --------------------------------------------------------------------------------
-
-class BrevitasResidualNet(nn.Module):
-    """A Brevitas network that quantizes its residual join (QuantIdentity on the branch,
-    QuantReLU after the sum), the way Brevitas asks residual models to be written."""
-
-    def __init__(self):
-        super().__init__()
-        qnn = pytest.importorskip("brevitas.nn")
-        from brevitas.quant import Int8WeightPerChannelFloat
-
-        conv = lambda cin, cout, stride=1: qnn.QuantConv2d(cin, cout, 3, stride=stride, padding=1, bias=False,
-                                                          weight_bit_width=4, weight_quant=Int8WeightPerChannelFloat)
-        self.input = qnn.QuantIdentity(bit_width=8)
-        self.stem, self.bn0, self.relu0 = conv(3, 16), nn.BatchNorm2d(16), qnn.QuantReLU(bit_width=4)
-        self.conv1, self.bn1, self.relu1 = conv(16, 16), nn.BatchNorm2d(16), qnn.QuantReLU(bit_width=4)
-        self.conv2, self.bn2, self.join = conv(16, 16), nn.BatchNorm2d(16), qnn.QuantIdentity(bit_width=8)
-        self.relu2 = qnn.QuantReLU(bit_width=4)
-        self.down, self.bn3, self.relu3 = conv(16, 24, 2), nn.BatchNorm2d(24), qnn.QuantReLU(bit_width=4)
-        self.pool, self.head_input = nn.AdaptiveAvgPool2d(1), qnn.QuantIdentity(bit_width=8)
-        self.head = qnn.QuantLinear(24, 4, bias=True, weight_bit_width=8)
-
-    def forward(self, x):
-        x = self.relu0(self.bn0(self.stem(self.input(x))))
-        branch = self.join(self.bn2(self.conv2(self.relu1(self.bn1(self.conv1(x))))))
-        x = self.relu2(x + branch)
-        x = self.relu3(self.bn3(self.down(x)))
-        return self.head(self.head_input(torch.flatten(self.pool(x), 1)))
-
 
 def test_brevitas_model_with_a_quantized_join_exports_exactly_and_fully_fused(data, tmp_path):
     from tiny_models import train

@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from torch import nn
 
@@ -36,6 +37,36 @@ class DepthwiseResidualNet(nn.Module):
         x = x + self.project(self.depthwise(self.expand(x)))
         x = self.down(x)
         return self.head(torch.flatten(self.pool(x), 1))
+
+
+class BrevitasResidualNet(nn.Module):
+    """A Brevitas network that quantizes its residual join (QuantIdentity on the branch,
+    QuantReLU after the sum), the way Brevitas asks residual models to be written."""
+
+    def __init__(self):
+        super().__init__()
+        qnn = pytest.importorskip("brevitas.nn")
+        from brevitas.quant import Int8WeightPerChannelFloat
+
+        def conv(cin, cout, stride=1):
+            return qnn.QuantConv2d(cin, cout, 3, stride=stride, padding=1, bias=False,
+                                   weight_bit_width=4, weight_quant=Int8WeightPerChannelFloat)
+
+        self.input = qnn.QuantIdentity(bit_width=8)
+        self.stem, self.bn0, self.relu0 = conv(3, 16), nn.BatchNorm2d(16), qnn.QuantReLU(bit_width=4)
+        self.conv1, self.bn1, self.relu1 = conv(16, 16), nn.BatchNorm2d(16), qnn.QuantReLU(bit_width=4)
+        self.conv2, self.bn2, self.join = conv(16, 16), nn.BatchNorm2d(16), qnn.QuantIdentity(bit_width=8)
+        self.relu2 = qnn.QuantReLU(bit_width=4)
+        self.down, self.bn3, self.relu3 = conv(16, 24, 2), nn.BatchNorm2d(24), qnn.QuantReLU(bit_width=4)
+        self.pool, self.head_input = nn.AdaptiveAvgPool2d(1), qnn.QuantIdentity(bit_width=8)
+        self.head = qnn.QuantLinear(24, 4, bias=True, weight_bit_width=8)
+
+    def forward(self, x):
+        x = self.relu0(self.bn0(self.stem(self.input(x))))
+        branch = self.join(self.bn2(self.conv2(self.relu1(self.bn1(self.conv1(x))))))
+        x = self.relu2(x + branch)
+        x = self.relu3(self.bn3(self.down(x)))
+        return self.head(self.head_input(torch.flatten(self.pool(x), 1)))
 
 
 def synthetic_domains(count: int = 384, seed: int = 0) -> dict[str, np.ndarray]:
@@ -86,7 +117,7 @@ def write_factory(folder: Path) -> Path:
     path = folder / "tiny_model_source.py"
     path.write_text(
         "from qtool.quant.prepare import prepare\n"
-        f"from tiny_models import DepthwiseResidualNet\n\n"
+        "from tiny_models import DepthwiseResidualNet\n\n"
         "def build():\n"
         "    return prepare(DepthwiseResidualNet(), bits=4, act_bits=4)\n"
     )

@@ -1,0 +1,97 @@
+"""Trained checkpoints exported and verified on this CPU and on an emulated AVX2-only CPU
+(``qtool export --verify N --verify-cpu avx2``): is the exported model exact on both kinds of x86?
+
+    python benchmarks/export_cpus.py runs/export-zoo*/*/model.pt runs/bench-ckpt/*/model.pt \\
+        --json docs/results/export-cpus.json
+
+Resumable: a checkpoint whose result is in ``--json`` is skipped. ``--summarize`` prints the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def cpu_kind() -> str:
+    flags = set()
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("flags"):
+            flags = set(line.split(":", 1)[1].split())
+            break
+    names = [flag for flag in ("avx2", "avx512f", "avx512_vnni", "avx_vnni") if flag in flags]
+    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                  if line.startswith("model name")), platform.processor())
+    return f"{model} ({' '.join(names)})"
+
+
+def export_one(checkpoint: Path, args) -> dict:
+    with tempfile.TemporaryDirectory(prefix="export-cpus-") as folder:
+        report = Path(folder) / "export.json"
+        started = time.time()
+        done = subprocess.run(
+            [sys.executable, "-m", "qtool", "export", str(checkpoint), "-o", str(Path(folder) / "model.onnx"),
+             "--data", args.data, "--target-domain", args.target_domain, "--verify", str(args.verify),
+             "--verify-cpu", "avx2", "--json", str(report)], capture_output=True, text=True)
+        exported = json.loads(report.read_text()) if report.exists() else None
+    return {"passed": done.returncode == 0, "host": cpu_kind(), "seconds": round(time.time() - started, 1),
+            "error": None if done.returncode == 0 else (done.stderr.strip().splitlines() or ["?"])[-1][:400],
+            "ops": exported and exported["ops"], "verification": exported and exported["verification"]}
+
+
+def table(results: dict) -> str:
+    rows = ["| checkpoint | integer kernels | this CPU: top-1 / within one step / largest diff (steps) "
+            "| emulated AVX2: top-1 / within one step / largest diff | AVX2 logits = this CPU's | "
+            "AVX2 sums u8 x s8 pairs in int16 | passed |", "|---|---|---|---|---|---|---|"]
+
+    def scores(check: dict) -> str:
+        return (f"{100 * check['agreement']:.1f} % / {100 * check['within_step']:.1f} % / "
+                f"{check['max_abs_diff'] / check['output_step']:.1f}")
+
+    for name, result in results.items():
+        check = result["verification"]
+        if check is None:
+            rows.append(f"| {name} | - | - | - | - | - | no: {result['error']} |")
+            continue
+        avx2 = check["emulated"][0]
+        kernels = sum(n for op, n in result["ops"].items() if op.startswith(("QLinear", "QGemm")) or "Integer" in op)
+        rows.append(f"| {name} | {kernels} | {scores(check)} | {scores(avx2)} | "
+                    f"{'bit-identical' if avx2['identical_to_this_cpu'] else 'differ'} | "
+                    f"{'yes' if avx2['pair_sums_saturate'] else 'no'} | {'yes' if result['passed'] else 'no'} |")
+    hosts = sorted({result["host"] for result in results.values()})
+    return "\n".join(rows) + f"\n\nHost CPU: {'; '.join(hosts)}. Samples per check: " + ", ".join(
+        sorted({str(r["verification"]["samples"]) for r in results.values() if r["verification"]}))
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("checkpoints", nargs="*", type=Path)
+    parser.add_argument("--data", default="../shared/data/digits_dg.npz")
+    parser.add_argument("--target-domain", default="mnist_m")
+    parser.add_argument("--verify", type=int, default=200)
+    parser.add_argument("--json", default="docs/results/export-cpus.json")
+    parser.add_argument("--summarize", action="store_true")
+    args = parser.parse_args(argv)
+
+    path = Path(args.json)
+    results = json.loads(path.read_text()) if path.exists() else {}
+    for checkpoint in [] if args.summarize else args.checkpoints:
+        name = f"{checkpoint.parent.parent.name}/{checkpoint.parent.name}"
+        if name in results:
+            continue
+        results[name] = export_one(checkpoint, args)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(results, indent=2))
+        print(f"{name}: {'PASS' if results[name]['passed'] else 'FAIL'} ({results[name]['seconds']} s)", flush=True)
+    print(table(results))
+    return 0 if all(result["passed"] for result in results.values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
