@@ -24,6 +24,7 @@ import math
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -56,34 +57,59 @@ def result_path(args, setting: str, method: str, seed: int) -> Path:
     return Path(args.results) / setting / f"{method}-seed{seed}.json"
 
 
-def run_chain(args, setting: str, seed: int) -> None:
-    """One (setting, seed): ReSTE first (it pre-trains and caches the FP model), then STE reuses it."""
-    for method in METHODS:
-        if result_path(args, setting, method, seed).exists():
-            print(f"skip (done): {setting} {method} seed {seed}", flush=True)
-            continue
-        command = quantize_command(args, setting, method, seed)
-        out = run_folder(args, setting, method, seed)
-        out.mkdir(parents=True, exist_ok=True)
-        killed = any((out / "checkpoints" / f"{phase}.pt").exists() for phase in ("pretrain", "qat"))
-        print(f"run: {' '.join(command[1:])}", flush=True)
-        start = time.perf_counter()
-        with open(out / "log.txt", "a") as log:
-            result = subprocess.run(command + (["--resume", str(out)] if killed else []), stdout=log,
-                                    stderr=subprocess.STDOUT)
-        if result.returncode == 0:
-            report = json.loads((out / "report.json").read_text())
-            write_result(result_path(args, setting, method, seed), compact(report, " ".join(command[1:]), args.device))
-        print(f"  exit {result.returncode} after {time.perf_counter() - start:.0f} s: {out}", flush=True)
+def run_one(args, setting: str, method: str, seed: int) -> None:
+    if result_path(args, setting, method, seed).exists():
+        print(f"skip (done): {setting} {method} seed {seed}", flush=True)
+        return
+    command = quantize_command(args, setting, method, seed)
+    out = run_folder(args, setting, method, seed)
+    out.mkdir(parents=True, exist_ok=True)
+    killed = any((out / "checkpoints" / f"{phase}.pt").exists() for phase in ("pretrain", "qat"))
+    print(f"run: {' '.join(command[1:])}", flush=True)
+    start = time.perf_counter()
+    with open(out / "log.txt", "a") as log:
+        result = subprocess.run(command + (["--resume", str(out)] if killed else []), stdout=log,
+                                stderr=subprocess.STDOUT)
+    if result.returncode == 0:
+        report = json.loads((out / "report.json").read_text())
+        write_result(result_path(args, setting, method, seed), compact(report, " ".join(command[1:]), args.device))
+    print(f"  exit {result.returncode} after {time.perf_counter() - start:.0f} s: {out}", flush=True)
+
+
+def fp_start_ready(args, setting: str, seed: int) -> bool:
+    """ReSTE pre-trains and caches the pair's FP start; once it is in its binary phase (or done),
+    STE can start from the cache."""
+    reste = run_folder(args, setting, "reste", seed)
+    return result_path(args, setting, "reste", seed).exists() or (reste / "checkpoints" / "qat.pt").exists()
+
+
+def run_pairs(args, settings: list[str]) -> None:
+    """Every (setting, seed, method), a pair's two runs side by side: with 2 workers a pair
+    finishes first, rather than every seed's ReSTE before any STE. STE waits for ReSTE's FP start
+    (seconds when it is already cached, as from the GAQAT grid's --cache-dir)."""
+    reste_ended = {(setting, seed): threading.Event() for setting in settings for seed in args.seeds}
+
+    def job(setting: str, method: str, seed: int) -> None:
+        if method == "reste":
+            try:
+                run_one(args, setting, method, seed)
+            finally:
+                reste_ended[setting, seed].set()
+            return
+        while not (fp_start_ready(args, setting, seed) or reste_ended[setting, seed].is_set()):
+            reste_ended[setting, seed].wait(10)
+        run_one(args, setting, method, seed)
+
+    jobs = [(setting, method, seed) for setting in settings for seed in args.seeds for method in METHODS]
+    with ThreadPoolExecutor(args.workers) as pool:
+        list(pool.map(lambda item: job(*item), jobs))
 
 
 def accuracy(args) -> None:
     # leave-one-out first: it reuses the GAQAT grid's FP starts, so its 3 seeds finish first
     settings = [f"target-{args.target}", "in-distribution"]
-    chains = [(setting, seed) for setting in settings for seed in args.seeds]
     if not args.summarize:
-        with ThreadPoolExecutor(args.workers) as pool:
-            list(pool.map(lambda chain: run_chain(args, *chain), chains))
+        run_pairs(args, settings)
     summary = summarize(args, settings)
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "summary.json").write_text(json.dumps(summary, indent=2))

@@ -108,7 +108,7 @@ def test_grid_resumes_into_results_and_reuses_the_pretrained_start(digits_small,
 def test_binary_bench_writes_paired_results_and_skips_them_next_time(digits_small, tmp_path, capsys):
     common = ["accuracy", "--data", digits_small, "--out", str(tmp_path / "runs"), "--results",
               str(tmp_path / "results"), "--seeds", "0", "--epochs", "2", "--pretrain-epochs", "0.5",
-              "--batch-size", "64", "--evals", "2", "--workers", "1"]
+              "--batch-size", "64", "--evals", "2", "--workers", "2"]  # a pair side by side
     binary_bench.main(common)
     out = capsys.readouterr().out
     results = sorted(str(p.relative_to(tmp_path / "results")) for p in (tmp_path / "results").rglob("*.json"))
