@@ -11,24 +11,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from fused_bench import cpu_identity
+
 
 def cpu_kind() -> str:
-    flags = set()
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("flags"):
-            flags = set(line.split(":", 1)[1].split())
-            break
-    names = [flag for flag in ("avx2", "avx512f", "avx512_vnni", "avx_vnni") if flag in flags]
-    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                  if line.startswith("model name")), platform.processor())
-    return f"{model} ({' '.join(names)})"
+    """The host's model name and the flags the ISA choice depends on."""
+    cpu = cpu_identity()
+    names = [flag for flag in ("avx2", "avx512f", "avx512_vnni", "avx_vnni") if flag in cpu["flags"].split()]
+    return f"{cpu['model']} ({' '.join(names)})"
 
 
 def export_one(checkpoint: Path, args) -> dict:
