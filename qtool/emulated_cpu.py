@@ -29,7 +29,7 @@ from qtool.errors import QtoolError
 
 # name -> (QEMU CPU model, what it stands for)
 CPUS = {
-    "avx2": ("EPYC-Rome", "AVX2 without AVX-512 or VNNI (AMD EPYC Zen 2)"),
+    "avx2": ("EPYC-Rome", "AVX2 without AVX-512 or VNNI, as on AMD EPYC Zen 2"),
 }
 TIMEOUT_S = 1800
 
