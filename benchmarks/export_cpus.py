@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 from fused_bench import cpu_identity
+from qtool.onnxrt import integer_layers
 
 
 def cpu_kind() -> str:
@@ -56,7 +57,7 @@ def table(results: dict) -> str:
             rows.append(f"| {name} | - | - | - | - | - | no: {result['error']} |")
             continue
         avx2 = check["emulated"][0]
-        kernels = sum(n for op, n in result["ops"].items() if op.startswith(("QLinear", "QGemm")) or "Integer" in op)
+        kernels = sum(integer_layers(result["ops"]).values())
         rows.append(f"| {name} | {kernels} | {scores(check)} | {scores(avx2)} | "
                     f"{'bit-identical' if avx2['identical_to_this_cpu'] else 'differ'} | "
                     f"{'yes' if avx2['pair_sums_saturate'] else 'no'} | {'yes' if result['passed'] else 'no'} |")

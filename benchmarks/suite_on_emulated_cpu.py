@@ -22,9 +22,8 @@ CPU = "avx2"
 MARK = "QTOOL_EMULATED_CPU"  # set once the process runs under qemu
 
 
-def emulate_children() -> None:
+def emulate_children(qemu: str, model: str) -> None:
     """Put qemu in front of every child that runs this Python."""
-    qemu, (model, _) = emulated_cpu.emulator(), emulated_cpu.CPUS[CPU]
     plain_run = subprocess.run
 
     def run(command, *args, **kwargs):
@@ -36,13 +35,13 @@ def emulate_children() -> None:
 
 
 def main(argv: list[str]) -> int:
+    qemu, (model, _) = emulated_cpu.emulator(), emulated_cpu.CPUS[CPU]
     if MARK not in os.environ:
-        qemu, (model, _) = emulated_cpu.emulator(), emulated_cpu.CPUS[CPU]
         print(f"running pytest on the {emulated_cpu.describe(CPU)}", flush=True)
         os.execve(qemu, [qemu, "-cpu", model, sys.executable, __file__, *argv], {**os.environ, MARK: model})
     import pytest
 
-    emulate_children()
+    emulate_children(qemu, model)
     return pytest.main(argv)
 
 

@@ -107,12 +107,9 @@ def export(model: nn.Module, example_input: torch.Tensor, path: str | os.PathLik
     ``verify_cpus`` (names from ``qtool.emulated_cpu.CPUS``) repeats that check on emulated CPUs.
     """
     opset = _opset(weight_storage, opset)
-    if verify_cpus:
-        if verify is None:
-            raise QtoolError("checking other CPUs needs verification inputs (--verify N)")
-        for cpu in verify_cpus:
-            emulated_cpu.describe(cpu)  # an unknown name fails here, before the export's work
-        emulated_cpu.emulator()
+    if verify_cpus and verify is None:
+        raise QtoolError("checking other CPUs needs verification inputs (--verify N)")
+    emulated_cpu.require(verify_cpus)
     if numerics not in NUMERICS:
         raise QtoolError(f"numerics must be one of {', '.join(NUMERICS)}, got {numerics!r}")
     path = check_output_path(path)

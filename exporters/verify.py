@@ -151,8 +151,8 @@ def compare(model: nn.Module, onnx_model: bytes | str, inputs: torch.Tensor, lab
     result = Verification(samples=len(array), output_step=step, reference_agreement=unoptimized["agreement"],
                           reference_max_abs_diff=unoptimized["max_abs_diff"], **_against(expected, fused, step))
     if noise_floor and (wide := float64_logits(model, inputs)) is not None:
-        result.float64_agreement = float((wide.argmax(1) == expected.argmax(1)).mean())
-        result.float64_within_step = float((np.abs(wide - expected).max(axis=1) <= step).mean())
+        floor = _against(expected, wide, step)
+        result.float64_agreement, result.float64_within_step = floor["agreement"], floor["within_step"]
     for cpu in cpus:
         theirs = emulated_cpu.run(onnx_model, array, cpu, threads)
         result.emulated.append(Verification(

@@ -45,6 +45,14 @@ def _model(cpu: str) -> tuple[str, str]:
     return CPUS[cpu]
 
 
+def require(cpus) -> None:
+    """Fail now, before any expensive work, when a name is unknown or qemu is missing."""
+    for cpu in cpus:
+        _model(cpu)
+    if cpus:
+        emulator()
+
+
 def emulator() -> str:
     """The qemu-x86_64 binary, or a one-line error saying how to get it."""
     if platform.machine() not in ("x86_64", "AMD64"):
