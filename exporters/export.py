@@ -147,8 +147,8 @@ def export(model: nn.Module, example_input: torch.Tensor, path: str | os.PathLik
         if verify is not None:
             verification = compare(model, data, verify, labels, threads, cpus=verify_cpus)
             if not verification.passed:
-                hint = ("; fast numerics put float residual sums on 8-bit grids, --numerics faithful keeps them "
-                        "exact" if numerics == "fast" and graph.notes else "")
+                hint = ("; fast numerics rounds float biases and puts float sums on 8-bit grids, --numerics faithful "
+                        "keeps them exact" if numerics == "fast" and graph.notes else "")
                 raise VerificationError(f"onnxruntime does not reproduce PyTorch: {verification.summary()}{hint}")
     finally:
         model.train(was_training)

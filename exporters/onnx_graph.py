@@ -267,6 +267,9 @@ class OnnxBuilder:
         bias = self.bias(op, grid_in, weights.scale / multiplier)
         if bias is not None:
             inputs.append(bias)
+            if not trained_bias:  # fast numerics: a float bias (batch norm's shift) the model never rounded
+                self.graph.notes.append(f"{op.output}: float bias of {op.layer} rounded to int32 accumulator "
+                                        "units (a code at a rounding boundary can flip)")
         y = self._compute(op, inputs)
         if grid is None:
             self.floats[op.output] = y  # QGemm with a float output: the logits stay exact

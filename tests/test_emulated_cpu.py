@@ -17,6 +17,7 @@ from qtool import emulated_cpu
 from qtool.checkpoint import save_checkpoint
 from qtool.errors import QtoolError
 from qtool.exporters import export
+from qtool.exporters.verify import compare
 from qtool.models import build_model
 from qtool.quant.prepare import prepare
 
@@ -56,18 +57,22 @@ def test_a_trained_model_with_8_bit_edges_computes_the_same_logits_on_an_avx2_on
 
 
 @needs_qemu
-def test_a_brevitas_8_bit_head_routed_to_u8_u8_kernels_is_exact_on_an_avx2_only_cpu(tmp_path):
+def test_a_brevitas_8_bit_head_routed_to_u8_u8_kernels_computes_the_same_logits_on_an_avx2_only_cpu(tmp_path):
     # the case an AVX2-only CPU once caught: 8-bit weights on 8-bit inputs would saturate u8 x s8
     data = synthetic_domains()
+    torch.manual_seed(0)
     model = BrevitasResidualNet()
     images = as_inputs(np.concatenate([data["a_x"], data["b_x"]]))
     train(model, images, torch.from_numpy(np.concatenate([data["a_y"], data["b_y"]])).long(), steps=25)
     test_images = as_inputs(data["b_x"][:128])
+    # fast numerics (the path that routes the head) rounds batch norm's float shift to int32, so
+    # PyTorch is matched closely, not exactly (test_export.py); the question here is the CPU
     result = export(model, test_images[:1], tmp_path / "brevitas.onnx", calibration=as_inputs(data["a_x"][:128]),
-                    verify=test_images, numerics="fast", verify_cpus=("avx2",))
+                    numerics="fast")
     assert result.ops["MatMulInteger"] == 1  # the head, widened to u8 x u8
-    avx2 = result.verification.emulated[0]
-    assert avx2.identical_to_this_cpu and avx2.passed and avx2.pair_sums_saturate
+    here = compare(model.eval(), tmp_path / "brevitas.onnx", test_images, noise_floor=False, cpus=("avx2",))
+    avx2 = here.emulated[0]
+    assert avx2.identical_to_this_cpu and avx2.pair_sums_saturate and avx2.agreement == here.agreement >= 0.99
 
 
 @needs_qemu
