@@ -14,6 +14,7 @@
 // Tiles: MR activation rows x NR weight rows share every decoded weight block and every
 // activation load; the activation rows left over (all of them in a GEMV) run as 1 x NR1 tiles
 // and the last weight rows as 1 x 1 (tile_loop).
+#include <algorithm>
 #include <cmath>
 
 #include "qtool_kernels.h"
@@ -341,6 +342,9 @@ void i8_row_tile(const LowbitArgs& A, int64_t m0, int64_t n0) {
     s[r] = A.scale + (n0 + r) * A.G;
   }
   const __m256i ones = _mm256_set1_epi16(1);
+  // The tiles walk the weights front to back, so prefetching each row `ahead` bytes on covers
+  // the memory `ahead` bytes past this tile: at least two tiles, at least 16 KB
+  const int64_t ahead = std::max<int64_t>(2 * NR * A.w_row_bytes, 16384);
   float res[NR];
   __m256 facc[NR];
   for (int r = 0; r < NR; ++r) facc[r] = _mm256_setzero_ps();
@@ -355,6 +359,9 @@ void i8_row_tile(const LowbitArgs& A, int64_t m0, int64_t n0) {
         const __m256i alo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a));
         const __m256i ahi = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a + 32));
         for (int r = 0; r < NR; ++r) {
+          // The next tile's rows, one tile ahead: each row is only K/2 bytes, too short a stream
+          // for the hardware prefetcher to lock on (cold int4 GEMV read DRAM at 9 GB/s without)
+          _mm_prefetch(reinterpret_cast<const char*>(w[r] + ahead + c * BB), _MM_HINT_T0);
           __m256i lo, hi;
           decode_u8<BITS>(w[r] + c * BB, lo, hi);
           p[r] = _mm256_add_epi16(p[r], _mm256_add_epi16(_mm256_maddubs_epi16(lo, alo), _mm256_maddubs_epi16(hi, ahi)));
