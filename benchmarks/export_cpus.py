@@ -1,8 +1,9 @@
-"""Trained checkpoints exported and verified on this CPU and on an emulated AVX2-only CPU
-(``qtool export --verify N --verify-cpu avx2``): is the exported model exact on both kinds of x86?
+"""Trained checkpoints exported and verified on this CPU and on emulated ones
+(``qtool export --verify N --verify-cpu CPU``): is the exported model exact on every CPU family?
 
     python benchmarks/export_cpus.py runs/export-zoo*/*/model.pt runs/bench-ckpt/*/model.pt \\
-        --json docs/results/export-cpus.json
+        --json docs/results/export-cpus.json                       # x86 without VNNI (avx2)
+    python benchmarks/export_cpus.py CKPT... --cpus neon neondot i8mm --json docs/results/export-cpus-arm.json
 
 Resumable: a checkpoint whose result is in ``--json`` is skipped. ``--summarize`` prints the table.
 """
@@ -35,7 +36,8 @@ def export_one(checkpoint: Path, args) -> dict:
         done = subprocess.run(
             [sys.executable, "-m", "qtool", "export", str(checkpoint), "-o", str(Path(folder) / "model.onnx"),
              "--data", args.data, "--target-domain", args.target_domain, "--verify", str(args.verify),
-             "--verify-cpu", "avx2", "--json", str(report)], capture_output=True, text=True)
+             *(arg for cpu in args.cpus for arg in ("--verify-cpu", cpu)), "--json", str(report)],
+            capture_output=True, text=True)
         exported = json.loads(report.read_text()) if report.exists() else None
     return {"passed": done.returncode == 0, "host": cpu_kind(), "seconds": round(time.time() - started, 1),
             "error": None if done.returncode == 0 else (done.stderr.strip().splitlines() or ["?"])[-1][:400],
@@ -43,9 +45,11 @@ def export_one(checkpoint: Path, args) -> dict:
 
 
 def table(results: dict) -> str:
-    rows = ["| checkpoint | integer kernels | this CPU: top-1 / within one step / largest diff (steps) "
-            "| emulated AVX2: top-1 / within one step / largest diff | AVX2 logits = this CPU's | "
-            "AVX2 sums u8 x s8 pairs in int16 | passed |", "|---|---|---|---|---|---|---|"]
+    cpus = next((result["verification"]["emulated"] for result in results.values() if result["verification"]), [])
+    names = [check["cpu"].split()[1] for check in cpus]
+    header = "".join(f" {name}: top-1 / within one step / largest diff (steps), logits vs this CPU's |" for name in names)
+    rows = [f"| checkpoint | integer kernels | this CPU: top-1 / within one step / largest diff (steps) |{header} passed |",
+            "|---|---|---|" + "---|" * len(names) + "---|"]
 
     def scores(check: dict) -> str:
         return (f"{100 * check['agreement']:.1f} % / {100 * check['within_step']:.1f} % / "
@@ -54,16 +58,17 @@ def table(results: dict) -> str:
     for name, result in results.items():
         check = result["verification"]
         if check is None:
-            rows.append(f"| {name} | - | - | - | - | - | no: {result['error']} |")
+            rows.append(f"| {name} | - | - |" + " - |" * len(names) + f" no: {result['error']} |")
             continue
-        avx2 = check["emulated"][0]
         kernels = sum(integer_layers(result["ops"]).values())
-        rows.append(f"| {name} | {kernels} | {scores(check)} | {scores(avx2)} | "
-                    f"{'bit-identical' if avx2['identical_to_this_cpu'] else 'differ'} | "
-                    f"{'yes' if avx2['pair_sums_saturate'] else 'no'} | {'yes' if result['passed'] else 'no'} |")
+        emulated = "".join(f" {scores(other)}, {'bit-identical' if other['identical_to_this_cpu'] else 'differ'}"
+                           f"{', int16 pair sums' if other['pair_sums_saturate'] else ''} |" for other in check["emulated"])
+        rows.append(f"| {name} | {kernels} | {scores(check)} |{emulated} {'yes' if result['passed'] else 'no'} |")
     hosts = sorted({result["host"] for result in results.values()})
-    return "\n".join(rows) + f"\n\nHost CPU: {'; '.join(hosts)}. Samples per check: " + ", ".join(
-        sorted({str(r["verification"]["samples"]) for r in results.values() if r["verification"]}))
+    described = "; ".join(check["cpu"] + (", against PyTorch with ARM's QLinearAdd arithmetic" if
+                                          check.get("joins_as") == "arm" else "") for check in cpus)
+    return "\n".join(rows) + f"\n\nHost CPU: {'; '.join(hosts)}. Emulated: {described}. Samples per check: " + \
+        ", ".join(sorted({str(r["verification"]["samples"]) for r in results.values() if r["verification"]}))
 
 
 def main(argv=None) -> int:
@@ -72,6 +77,7 @@ def main(argv=None) -> int:
     parser.add_argument("--data", default="../shared/data/digits_dg.npz")
     parser.add_argument("--target-domain", default="mnist_m")
     parser.add_argument("--verify", type=int, default=200)
+    parser.add_argument("--cpus", nargs="+", default=["avx2"], help="CPUs to emulate (qtool.emulated_cpu.CPUS)")
     parser.add_argument("--json", default="docs/results/export-cpus.json")
     parser.add_argument("--summarize", action="store_true")
     args = parser.parse_args(argv)

@@ -35,7 +35,7 @@ def emulate_children(qemu: str, model: str) -> None:
 
 
 def main(argv: list[str]) -> int:
-    qemu, (model, _) = emulated_cpu.emulator(), emulated_cpu.CPUS[CPU]
+    qemu, model = emulated_cpu.emulator(), emulated_cpu.CPUS[CPU].qemu_model
     if MARK not in os.environ:
         print(f"running pytest on the {emulated_cpu.describe(CPU)}", flush=True)
         os.execve(qemu, [qemu, "-cpu", model, sys.executable, __file__, *argv], {**os.environ, MARK: model})

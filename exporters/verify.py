@@ -12,9 +12,11 @@ The same inputs also run with onnxruntime's graph optimizations off (``reference
 ONNX graph's own float QDQ semantics, and separates an exporter bug (reference already off)
 from integer-kernel rounding (reference on, fused off).
 
-``cpus`` repeats the fused check as onnxruntime runs on other x86 CPUs (``qtool.emulated_cpu``):
-it picks its integer kernels by CPUID, so a pass on this machine says nothing about the code
-paths another CPU takes (int16 pair sums without VNNI).
+``cpus`` repeats the fused check as onnxruntime runs on other CPUs (``qtool.emulated_cpu``): it
+picks its integer kernels by the CPU's features, so a pass on this machine says nothing about the
+code paths another CPU takes (int16 pair sums on x86 without VNNI; NEON, dot-product and i8mm
+kernels on ARM). On ARM, QLinearAdd works in fixed point, so there the reference is PyTorch with
+its residual joins computed as ARM's kernel does (``qtool.quant.integer.joins_computed_as``).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from torch import nn
 from qtool import emulated_cpu
 from qtool.errors import QtoolError
 from qtool.onnxrt import create_session
+from qtool.quant.integer import joins_computed_as
 
 MIN_AGREEMENT = 0.995
 # The within-step bar follows PyTorch's own float64-vs-float32 rate down to this floor and no
@@ -57,6 +60,7 @@ class Verification:
     cpu: str = "this CPU"
     identical_to_this_cpu: bool | None = None  # an emulated CPU's logits bit-equal to this one's
     pair_sums_saturate: bool | None = None     # that CPU's u8 x s8 kernels add pairs in int16
+    joins_as: str = "x86"                      # whose QLinearAdd arithmetic the PyTorch reference used (JOIN_KERNELS)
     emulated: list[Verification] = field(default_factory=list)
 
     @property
@@ -92,7 +96,8 @@ class Verification:
         """The fused check on an emulated CPU, in one clause."""
         same = "bit-identical to" if self.identical_to_this_cpu else "different from"
         path = {True: "yes", False: "no"}.get(self.pair_sums_saturate, "unknown")
-        return (f"on the {self.cpu}: top-1 agreement {100 * self.agreement:.2f}%, within one step "
+        against = f" (against PyTorch with {self.joins_as} QLinearAdd arithmetic)" if self.joins_as != "x86" else ""
+        return (f"on the {self.cpu}{against}: top-1 agreement {100 * self.agreement:.2f}%, within one step "
                 f"{100 * self.within_step:.2f}%, largest difference {self.max_abs_diff / self.output_step:.1f} steps, "
                 f"logits {same} this CPU's (its u8 x s8 kernels sum pairs in int16: {path})")
 
@@ -142,7 +147,9 @@ def compare(model: nn.Module, onnx_model: bytes | str, inputs: torch.Tensor, lab
     change of float rounding, the yardstick for onnxruntime's differences. ``cpus``: names from
     ``qtool.emulated_cpu.CPUS`` to run the fused check on as well."""
     inputs = inputs.float().contiguous()
-    expected = torch_logits(model, inputs)
+    host = emulated_cpu.host_kernels()
+    with joins_computed_as(model, host):  # an ARM host's own QLinearAdd is ARM's
+        expected = torch_logits(model, inputs)
     array = inputs.numpy()
     fused = onnx_logits(onnx_model, array, threads)
     reference = onnx_logits(onnx_model, array, threads, optimize=False)
@@ -153,14 +160,19 @@ def compare(model: nn.Module, onnx_model: bytes | str, inputs: torch.Tensor, lab
     if noise_floor and (wide := float64_logits(model, inputs)) is not None:
         floor = _against(expected, wide, step)
         result.float64_agreement, result.float64_within_step = floor["agreement"], floor["within_step"]
+    expected_on = {host: expected}  # PyTorch's logits with each CPU family's join arithmetic
     for cpu in cpus:
+        kernels = emulated_cpu.CPUS[cpu].kernels
+        if kernels not in expected_on:
+            with joins_computed_as(model, kernels):
+                expected_on[kernels] = torch_logits(model, inputs)
         theirs = emulated_cpu.run(onnx_model, array, cpu, threads)
         result.emulated.append(Verification(
             samples=len(array), output_step=step, reference_agreement=result.reference_agreement,
-            reference_max_abs_diff=result.reference_max_abs_diff, **_against(expected, theirs, step),
+            reference_max_abs_diff=result.reference_max_abs_diff, **_against(expected_on[kernels], theirs, step),
             float64_agreement=result.float64_agreement, float64_within_step=result.float64_within_step,
             cpu=emulated_cpu.describe(cpu), identical_to_this_cpu=bool(np.array_equal(theirs, fused)),
-            pair_sums_saturate=emulated_cpu.pair_sums_saturate(cpu)))
+            pair_sums_saturate=emulated_cpu.pair_sums_saturate(cpu), joins_as=kernels))
     if labels is not None:
         truth = labels.numpy()
         result.torch_accuracy = float((expected.argmax(1) == truth).mean())

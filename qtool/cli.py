@@ -164,8 +164,10 @@ def eval_command(checkpoint, data, target_domain, json_path, threads):
 @click.option("--verify", type=int, default=0, show_default=True,
               help="Compare onnxruntime with PyTorch on N held-out images; fail below 99.5% top-1 agreement.")
 @click.option("--verify-cpu", multiple=True, type=click.Choice(list(EMULATED_CPUS)),
-              help="Repeat --verify as onnxruntime runs on this x86 CPU, emulated by qemu-x86_64 (repeatable; "
-                   "avx2: AVX2 without VNNI, whose int16 pair sums a VNNI machine never exercises).")
+              help="Repeat --verify as onnxruntime runs on this CPU, emulated by qemu-user (repeatable). avx2: "
+                   "x86 without VNNI, whose int16 pair sums a VNNI machine never exercises; neon, neondot, i8mm: "
+                   "ARM without and with the dot product and int8 matrix multiply (needs `python -m "
+                   "qtool.arm_sysroot` once).")
 @click.option("--data", default=None, help="Images for calibration and --verify (default: the data the checkpoint was trained on).")
 @click.option("--target-domain", default=None, help="Domain to verify on (default: the checkpoint's held-out domain).")
 @click.option("--weight-storage", type=click.Choice(["int8", "int4"]), default="int8", show_default=True,

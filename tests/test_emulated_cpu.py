@@ -1,9 +1,11 @@
-"""Export verification on an AVX2-only CPU, emulated by qemu-x86_64 on whatever CPU runs the suite:
-the emulated CPU really takes onnxruntime's int16 pair-sum path, qtool's exports compute the same
-logits there as on this CPU, and the option's mistakes are one-line errors."""
+"""Export verification on other x86 CPUs, emulated by qemu-x86_64 on whatever CPU runs the suite:
+the emulated AVX2-only CPU really takes onnxruntime's int16 pair-sum path and qtool's exports
+compute the same logits there as on this CPU; an AVX-only CPU adds residual joins without fmas,
+which PyTorch reproduces; the option's mistakes are one-line errors."""
 
 from __future__ import annotations
 
+import functools
 import json
 import platform
 import shutil
@@ -19,8 +21,10 @@ from qtool.errors import QtoolError
 from qtool.exporters import export
 from qtool.exporters.verify import compare
 from qtool.models import build_model
+from qtool.quant.integer import qlinear_add_codes_on
 from qtool.quant.prepare import prepare
 
+from join_kernels import check_join_codes, join_trials
 from tiny_models import BrevitasResidualNet, as_inputs, synthetic_domains, train, trained_w4a4
 
 needs_qemu = pytest.mark.skipif(
@@ -76,6 +80,21 @@ def test_a_brevitas_8_bit_head_routed_to_u8_u8_kernels_computes_the_same_logits_
 
 
 @needs_qemu
+def test_x86_without_avx2_adds_joins_without_fmas_and_its_exports_stay_exact(tmp_path):
+    # MLAS's SSE2 QLinearAdd rounds every multiply and add on its own: a few codes differ from the
+    # AVX2 kernel's fmas, and PyTorch reproduces them (qlinear_add_codes_sse2)
+    steps, zeros, inputs = join_trials()
+    moved = check_join_codes(steps, zeros, inputs, "avx", functools.partial(qlinear_add_codes_on, "x86-sse2"))
+    assert 0 < moved < 1e-3 * inputs.size / 2
+    data = synthetic_domains()
+    images = as_inputs(data["b_x"][:128])
+    result = export(trained_w4a4(data), images[:1], tmp_path / "tiny.onnx", calibration=as_inputs(data["a_x"][:128]),
+                    verify=images, verify_cpus=("avx",))
+    avx = result.verification.emulated[0]
+    assert avx.joins_as == "x86-sse2" and not avx.pair_sums_saturate and avx.passed and avx.max_abs_diff == 0.0
+
+
+@needs_qemu
 @pytest.mark.parametrize("arch, bits, act_bits", [("resnet20", 4, 8), ("mobilenetv2", 3, 3)])
 def test_zoo_exports_compute_the_same_logits_on_an_avx2_only_cpu(arch, bits, act_bits, tmp_path):
     torch.manual_seed(0)
@@ -117,6 +136,11 @@ def test_verify_cpu_mistakes_are_one_line_errors_and_write_nothing(run_cli, digi
     assert code == 2 and "qemu-x86_64" in err and "apt-get install qemu-user" in err and len(err.strip().splitlines()) == 1
     code, _, err = run_cli(*args, "--verify", "8", "--verify-cpu", "avx512")
     assert code == 2 and "avx512" in err
+    monkeypatch.undo()  # qemu is back; the ARM CPUs also need the aarch64 Python, here absent
+    monkeypatch.setenv("QTOOL_ARM_SYSROOT", str(tmp_path / "no-sysroot"))
+    if shutil.which("qemu-aarch64"):
+        code, _, err = run_cli(*args, "--verify", "8", "--verify-cpu", "neon")
+        assert code == 2 and "python -m qtool.arm_sysroot" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "m.onnx").exists()
     with pytest.raises(QtoolError, match="unknown CPU"):
         emulated_cpu.run(b"", np.zeros(1, np.float32), "sse2")

@@ -17,7 +17,7 @@ from qtool.exporters.bounds import saturating_kernels
 from qtool.models import build_model
 from qtool.onnxrt import float_layers
 from qtool.quant.graph import GRAPH_KEY
-from qtool.quant.integer import IntegerAdd, IntegerMul, integer_layer
+from qtool.quant.integer import IntegerAdd, IntegerMul, integer_layer, joins_computed_as
 from qtool.quant.layers import QuantConv2d
 from qtool.quant.lsq import LSQQuantizer
 from qtool.quant.prepare import prepare
@@ -184,6 +184,24 @@ def test_integer_joins_compute_codes_exactly_as_onnxruntimes_kernels(op, join, f
         assert torch.equal(trained, float_op(a, b))  # training: the float op
         module.eval()
     assert float_misses > 0  # the inputs reach the rounding boundaries where the two differ
+
+
+def test_joins_can_compute_as_arms_fixed_point_qlinear_add_and_go_back():
+    """ARM's QLinearAdd rounds in fixed point, half away from zero; x86's in float32, half to even:
+    on a tie (steps 1, 1, 2: ratios 0.5) they part, and ``joins_computed_as`` picks which one eval
+    mode reproduces (test_emulated_arm.py checks both against onnxruntime on each CPU)."""
+    steps = (torch.tensor(1.0), torch.tensor(1.0), torch.tensor(2.0))
+    ready, signed = (torch.tensor(True),) * 3, (torch.tensor(False),) * 3
+    a, b = torch.tensor([1.0, 3.0, 0.0, 5.0]), torch.tensor([0.0, 0.0, 0.0, 2.0])
+    join = nn.Sequential(IntegerAdd()).eval()
+    x86 = join[0](a, b, steps=steps, signed=signed, ready=ready)
+    with joins_computed_as(join, "arm"):
+        arm = join[0](a, b, steps=steps, signed=signed, ready=ready)
+    assert x86.tolist() == [0.0, 4.0, 0.0, 8.0] and arm.tolist() == [2.0, 4.0, 0.0, 8.0]  # 0.5 -> 0 / 1 step
+    assert join[0].kernels == "x86" and torch.equal(join[0](a, b, steps=steps, signed=signed, ready=ready), x86)
+    with pytest.raises(ValueError, match="kernels must be one of"):
+        with joins_computed_as(join, "riscv"):
+            pass
 
 
 def test_eval_mode_computes_the_integer_kernel_exactly():

@@ -23,7 +23,8 @@ PACKAGES = {"qtool": "qtool", "models": "qtool.models", "exporters": "qtool.expo
 # Lowest first. Each layer: group -> module prefixes (a prefix covers its submodules).
 LAYERS: list[tuple[str, dict[str, list[str]]]] = [
     ("base", {"base": ["qtool.errors", "qtool.atomic", "qtool.timing", "qtool.options", "qtool.launch",
-                       "qtool.plots", "qtool.onnxrt", "qtool.emulated_cpu", "qtool.native"]}),
+                       "qtool.plots", "qtool.onnxrt", "qtool.emulated_cpu", "qtool.arm_sysroot",
+                       "qtool.native"]}),
     ("data", {"data": ["qtool.data"], "models": ["qtool.models"]}),
     ("quant", {"quant": ["qtool.quant", "qtool.checkpoint"]}),
     ("train", {"train": ["qtool.train", "qtool.evaluate"]}),

@@ -11,14 +11,18 @@ integer kernel differs from float arithmetic, so the trained model rounds it the
 
 The sum or product of two quantized tensors read by a third quantizer (a residual join, a
 squeeze-excitation gate) is the other: ``IntegerAdd`` / ``IntegerMul`` compute it in eval mode as
-onnxruntime's QLinearAdd / QLinearMul do.
+onnxruntime's QLinearAdd / QLinearMul do. QLinearAdd is the one kernel whose arithmetic differs
+by CPU (float32 with fmas on x86 with AVX2, without them on older x86, fixed point on ARM): eval
+mode reproduces the first, ``joins_computed_as(model, "x86-sse2" | "arm")`` the others.
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Callable
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -159,6 +163,62 @@ def qlinear_add_codes(codes_a: torch.Tensor, codes_b: torch.Tensor, ratio_a, rat
     return torch.clamp(torch.round(total), 0, 255)
 
 
+def qlinear_add_codes_sse2(codes_a: torch.Tensor, codes_b: torch.Tensor, ratio_a, ratio_b, fixed) -> torch.Tensor:
+    """QLinearAdd's codes on x86 CPUs without AVX2 (MLAS's SSE2 kernel): the same float32
+    arithmetic as ``qlinear_add_codes`` with every multiply and add rounded on its own,
+    ``(fixed + a * ratio_a) + b * ratio_b``, rounded half to even, saturated; as float32."""
+    total = (fixed + codes_a.float() * ratio_a) + codes_b.float() * ratio_b
+    return torch.clamp(torch.round(total), 0, 255)
+
+
+def _neon_fixed_point(ratio_a: float, ratio_b: float) -> tuple[int, int, int] | None:
+    """MLAS's NEON QLinearAdd parameters: (shift, multiplier_a, multiplier_b), the larger ratio
+    times 2**shift rounded to an integer in [2**21, 2**22); None where MLAS falls back to float."""
+    ratios = np.array([ratio_a, ratio_b], np.float32)
+    if ((ratios < 2.0**-14) | (ratios >= 256.0)).any():
+        return None
+    exponent = int(ratios.max().view(np.int32) >> 23) - 127
+    shift = 21 - exponent
+    if not 13 <= shift <= 31:
+        return None
+    multipliers = np.rint(ratios * np.float32(2.0**shift)).astype(np.int64)  # lrintf: half to even
+    if multipliers.max() >= 2**22 or multipliers.max() < 2**21:
+        return None
+    return shift, int(multipliers[0]), int(multipliers[1])
+
+
+def qlinear_add_codes_neon(codes_a: torch.Tensor, codes_b: torch.Tensor, zeros, steps) -> torch.Tensor:
+    """The uint8-container output codes of onnxruntime's QLinearAdd on ARM (MLAS, NEON), as float32.
+
+    It works in fixed point: ``(a - za) * ma + (b - zb) * mb`` in int32, with ``ma``, ``mb`` the
+    float32 ratios ScaleA / ScaleC, ScaleB / ScaleC scaled by 2**shift and rounded to integers,
+    then shifted right rounding half away from zero, plus ZeroPointC, saturated. Where the ratios
+    leave its range it falls back to float: ``rint((sa * (a - za) + sb * (b - zb)) / sc + zc)``.
+    x86 computes in float32 with fmas (``qlinear_add_codes``); the two differ on a few codes in
+    10^5 (the multipliers' 22-bit precision, and ties)."""
+    step_a, step_b, step_out = (float32_step(v) for v in steps)
+    centered_a, centered_b = codes_a - zeros[0], codes_b - zeros[1]
+    fixed = _neon_fixed_point(float(step_a / step_out), float(step_b / step_out))
+    if fixed is None:
+        total = (step_a * centered_a + step_b * centered_b) / step_out
+        return torch.clamp(torch.round(torch.clamp(total, -zeros[2], 255 - zeros[2]) + float(zeros[2])), 0, 255)
+    shift, multiplier_a, multiplier_b = fixed
+    accumulator = centered_a.to(torch.int64) * multiplier_a + centered_b.to(torch.int64) * multiplier_b
+    rounded = torch.div(accumulator - (accumulator < 0).to(torch.int64) + 2 ** (shift - 1), 2**shift,
+                        rounding_mode="floor")
+    return torch.clamp(rounded + zeros[2], 0, 255).float()
+
+
+def qlinear_add_codes_on(kernels: str, codes_a: torch.Tensor, codes_b: torch.Tensor, zeros, steps) -> torch.Tensor:
+    """QLinearAdd's container codes as onnxruntime computes them on ``kernels`` CPUs (JOIN_KERNELS)."""
+    if kernels == "arm":
+        return qlinear_add_codes_neon(codes_a, codes_b, zeros, steps)
+    constants = qlinear_add_constants(*steps, *zeros)
+    if kernels == "x86-sse2":
+        return qlinear_add_codes_sse2(codes_a, codes_b, *constants)
+    return qlinear_add_codes(codes_a, codes_b, *constants)
+
+
 def qlinear_mul_codes(codes_a: torch.Tensor, codes_b: torch.Tensor, zeros, steps) -> torch.Tensor:
     """The uint8-container output codes of onnxruntime's QLinearMul (MLAS, x86 SSE2 kernel):
     ``rint(float32((a - za) * (b - zb)) * ratio + zc)``, ratio = float32(sa * sb) / sc, the multiply
@@ -182,6 +242,7 @@ class IntegerJoin(nn.Module):
 
     float_op: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # training: the float op
     deployed_codes: Callable[..., torch.Tensor]  # (codes_a, codes_b, zeros, steps) -> container codes
+    kernels = "x86"  # whose onnxruntime kernels eval mode reproduces (JOIN_KERNELS)
 
     def forward(self, a: torch.Tensor, b: torch.Tensor, steps=None, signed=None, ready=None) -> torch.Tensor:
         if self.training or steps is None or not all(bool(flag) for flag in ready):
@@ -193,17 +254,41 @@ class IntegerJoin(nn.Module):
 
 
 class IntegerAdd(IntegerJoin):
-    """A residual join: in eval mode the sum onnxruntime's QLinearAdd computes (``qlinear_add_codes``)."""
+    """A residual join: in eval mode the sum onnxruntime's QLinearAdd computes, as on x86 with
+    AVX2 (``qlinear_add_codes``) or, inside ``joins_computed_as``, as on another CPU family."""
 
     float_op = staticmethod(torch.add)
 
-    @staticmethod
-    def deployed_codes(codes_a, codes_b, zeros, steps):
-        return qlinear_add_codes(codes_a, codes_b, *qlinear_add_constants(*steps, *zeros))
+    def deployed_codes(self, codes_a, codes_b, zeros, steps):
+        return qlinear_add_codes_on(self.kernels, codes_a, codes_b, zeros, steps)
 
 
 class IntegerMul(IntegerJoin):
-    """A product of codes (squeeze-excitation's x * gate): in eval mode QLinearMul's (``qlinear_mul_codes``)."""
+    """A product of codes (squeeze-excitation's x * gate): in eval mode QLinearMul's
+    (``qlinear_mul_codes``; ARM's computes the same codes)."""
 
     float_op = staticmethod(torch.mul)
     deployed_codes = staticmethod(qlinear_mul_codes)
+
+
+# Whose QLinearAdd eval mode reproduces: x86 with AVX2 (fmas; the default), x86 without AVX2
+# (MLAS's SSE2 kernel), ARM (NEON, fixed point). QLinearMul's codes are the same on all three.
+JOIN_KERNELS = ("x86", "x86-sse2", "arm")
+
+
+@contextlib.contextmanager
+def joins_computed_as(model: nn.Module, kernels: str):
+    """Within the block, every join of ``model`` computes its eval-mode codes as onnxruntime's
+    kernels on ``kernels`` CPUs do: the trained model as deployed there. Training is unaffected
+    (joins train with the float op)."""
+    if kernels not in JOIN_KERNELS:
+        raise ValueError(f"kernels must be one of {JOIN_KERNELS}, got {kernels!r}")
+    joins = [module for module in model.modules() if isinstance(module, IntegerJoin)]
+    previous = [join.kernels for join in joins]
+    try:
+        for join in joins:
+            join.kernels = kernels
+        yield model
+    finally:
+        for join, before in zip(joins, previous):
+            join.kernels = before
